@@ -1,0 +1,211 @@
+"""Typed experiment configuration (omegaconf structured configs).
+
+`load_config(paths, overrides)` merges YAML files in order, then `key=value` overrides, onto the
+schema below. Unknown keys are an error naming the nearest valid key; bad values are an error
+naming the key.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (one sentence: the key and what to do)."""
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/default"
+    seed: int = 1234
+    resume: str = "auto"                 # auto | none | PATH (an OUT_DIR/checkpoints or a tag inside it)
+    init_from: Optional[str] = None      # an exported MODEL_DIR: weights only (fine-tuning)
+
+
+@dataclass
+class ModelSection:
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_embd: int = 128
+    ctx_len: int = 256
+    medium_interval: int = 32
+    se_reduction: int = 16
+    ffn_mult: int = 4
+    cuda_kernel: bool = True             # false: the PyTorch reference also on GPUs
+    kernel_cache: Optional[str] = None   # where the compiled CUDA kernel is cached (shared FS on clusters)
+
+
+@dataclass
+class DataSection:
+    # A shard directory / manifest.json, a list of {path, weight} to mix, or "builtin" (the small
+    # corpus built from Python's standard library, cached under cache_dir).
+    train: Any = "builtin"
+    valid: Any = None
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    num_workers: int = 0
+    cache_dir: Optional[str] = None      # default: $RRWKV_CACHE or ~/.cache/rrwkv
+
+
+@dataclass
+class OptimSection:
+    lr: float = 6e-4
+    lr_final: float = 6e-5
+    warmup_steps: int = 10
+    schedule: str = "cosine"             # cosine | linear | exponential | constant
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    global_batch_size: int = 0           # 0: micro_batch_size x data-parallel ranks (no accumulation)
+    precision: str = "fp32"              # bf16 | fp16 | fp32
+    log_every: int = 10
+    eval_every: int = 0                  # 0: no validation during training
+    eval_batches: int = 8
+    save_every: int = 0                  # 0: only at the end
+    keep_last: int = 2
+    activation_checkpointing: bool = False
+    peak_tflops: Optional[float] = None  # for MFU; default: the card's dense bf16 peak, or measured on CPU
+
+
+@dataclass
+class ParallelSection:
+    zero_stage: int = 2
+    pipeline_stages: int = 1
+    offload: str = "none"                # none | optimizer | all
+
+
+@dataclass
+class WandbSection:
+    mode: str = "offline"                # disabled | offline | online
+    project: str = "rrwkv"
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingSection:
+    wandb: WandbSection = field(default_factory=WandbSection)
+    progress: bool = True                # tqdm bar on a terminal (rank 0)
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+CHOICES = {
+    "run.resume": None,  # free-form, checked at resume time
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "parallel.offload": ("none", "optimizer", "all"),
+    "logging.wandb.mode": ("disabled", "offline", "online"),
+    "optim.schedule": ("cosine", "linear", "exponential", "constant"),
+}
+
+
+def _flatten(node: Any, prefix: str = "") -> List[str]:
+    """Dotted keys of a plain (non-structured) config tree."""
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            full = f"{prefix}{k}"
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                out += _flatten(child, full + ".")
+            else:
+                out.append(full)
+    return out
+
+
+def _schema_keys() -> List[str]:
+    return _flatten(OmegaConf.structured(ExperimentConfig))
+
+
+def _check_keys(cfg: DictConfig, source: str) -> None:
+    valid = set(_schema_keys())
+    sections = {k.split(".")[0] for k in valid} | {k.rsplit(".", 1)[0] for k in valid}
+    for key in _flatten(cfg):
+        if key in valid or key.startswith("data.train") or key.startswith("data.valid"):
+            continue
+        if key in sections:
+            raise ConfigError(f"config key '{key}' in {source} is a section; give its fields instead")
+        near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else f"; valid sections: {sorted({k.split('.')[0] for k in valid})}"
+        raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def load_config(paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema <- each YAML file in order <- key=value overrides. Raises ConfigError."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml errors carry line numbers; keep them in one line
+            raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file '{path}' must be a mapping of sections (run:, model:, ...)")
+        _check_keys(loaded, f"'{path}'")
+        cfg = _merge(cfg, loaded, f"'{path}'")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like key=value (e.g. train.max_steps=100)")
+        dotted = OmegaConf.from_dotlist([ov])
+        _check_keys(dotted, f"override '{ov}'")
+        cfg = _merge(cfg, dotted, f"override '{ov}'")
+    validate(cfg)
+    return cfg
+
+
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except (ValidationError, ConfigKeyError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for config key '{key}' in {source}: {msg}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        if choices is None:
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(choices)}")
+    positive = ["model.vocab_size", "model.n_layer", "model.n_embd", "model.ctx_len", "model.se_reduction",
+                "data.seq_len", "data.micro_batch_size", "train.max_steps", "train.log_every", "train.keep_last",
+                "parallel.pipeline_stages"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be a positive integer, got {OmegaConf.select(cfg, key)}")
+    for key in ["model.medium_interval", "train.global_batch_size", "train.save_every", "train.eval_every",
+                "data.num_workers", "optim.warmup_steps"]:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.optim.lr <= 0 or cfg.optim.lr_final < 0:
+        raise ConfigError("config keys 'optim.lr' must be > 0 and 'optim.lr_final' >= 0")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

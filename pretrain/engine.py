@@ -1,0 +1,165 @@
+"""DeepSpeed engine: the ZeRO / precision / optimizer configuration and one training step.
+
+The model knows nothing of this module; here it is wrapped, its parameters grouped, and the
+DeepSpeed config written from the experiment config.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from .config import ConfigError
+from .schedule import lr_factor
+
+# Parameters RWKV-4 trains without weight decay and with larger learning rates.
+NO_DECAY = ("time_decay", "time_first", "medium_decay", "time_mix", "ln", "emb.weight", "bias")
+LR_MULT = {"time_decay": 2.0, "medium_decay": 2.0, "time_first": 3.0}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
+    """AdamW groups: (decay or not) x lr multiplier. Each group carries `lr_mult`."""
+    groups: Dict[tuple, Dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.split(".")[-1]
+        mult = LR_MULT.get(leaf, 1.0)
+        decay = 0.0 if (p.dim() < 2 or any(t in name for t in NO_DECAY)) else weight_decay
+        key = (decay, mult)
+        g = groups.setdefault(key, {"params": [], "weight_decay": decay, "lr_mult": mult, "names": []})
+        g["params"].append(p)
+        g["names"].append(name)
+    out = []
+    for g in groups.values():
+        g.pop("names")
+        out.append(g)
+    return out
+
+
+@dataclass
+class BatchLayout:
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    data_parallel: int
+
+
+def batch_layout(cfg: DictConfig, data_parallel: int) -> BatchLayout:
+    mbs = cfg.data.micro_batch_size
+    gbs = cfg.train.global_batch_size or mbs * data_parallel
+    if gbs % (mbs * data_parallel):
+        raise ConfigError(f"train.global_batch_size ({gbs}) must be a multiple of data.micro_batch_size ({mbs}) "
+                          f"x data-parallel ranks ({data_parallel})")
+    return BatchLayout(mbs, gbs // (mbs * data_parallel), gbs, data_parallel)
+
+
+def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device) -> Dict:
+    prec = cfg.train.precision
+    stage = cfg.parallel.zero_stage
+    offload = cfg.parallel.offload
+    if offload == "all" and stage != 3:
+        raise ConfigError("parallel.offload=all (parameters too) needs parallel.zero_stage=3; use offload=optimizer")
+    if offload != "none" and stage == 0:
+        raise ConfigError("parallel.offload needs parallel.zero_stage >= 1")
+    zero: Dict = {"stage": stage}
+    if stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=device.type == "cuda",
+                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    if offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    o = cfg.optim
+    adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    if device.type != "cuda" and offload == "none":
+        adam["torch_adam"] = True  # FusedAdam is CUDA-only
+    ds = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_optimization": zero,
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if prec == "bf16":
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def build_engine(model: torch.nn.Module, cfg: DictConfig, layout: BatchLayout, device: torch.device):
+    """deepspeed.initialize with our parameter groups and a warmup + decay schedule."""
+    import deepspeed
+
+    schedule = functools.partial(lr_factor, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
+                                 lr=cfg.optim.lr, lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g["lr_mult"]
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                           config=deepspeed_config(cfg, layout, device),
+                                           lr_scheduler=make_scheduler)
+    return engine
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def current_lr(engine) -> float:
+    """The base-group learning rate the next optimizer step uses."""
+    for g in engine.optimizer.param_groups:
+        if g.get("lr_mult", 1.0) == 1.0:
+            return float(g["lr"])
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def train_step(engine, batches, device: torch.device) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns the loss averaged over all ranks."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for input_ids, labels in batches:
+        input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss = lm_loss(engine(input_ids), labels)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().double()
+        n += 1
+    return all_reduce_mean(total / n)
+
+
+def all_reduce_mean(x: torch.Tensor) -> float:
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return float(x)
+
+
+@torch.no_grad()
+def evaluate(engine, batches, device: torch.device) -> float:
+    """Mean loss over the given batches (all ranks)."""
+    was_training = engine.module.training
+    engine.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for input_ids, labels in batches:
+        total += lm_loss(engine(input_ids.to(device)), labels.to(device)).double()
+        n += 1
+    if was_training:
+        engine.train()
+    return all_reduce_mean(total / max(n, 1))

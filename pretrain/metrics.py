@@ -1,0 +1,146 @@
+"""Throughput accounting (FLOPs, MFU) and the metrics sinks: metrics.jsonl, wandb, console."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+# Dense bf16 peaks (TFLOP/s) of common cards, by a substring of torch.cuda.get_device_name().
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+
+
+def flops_per_token(model) -> float:
+    """Training FLOPs per token (rrwkv.md): 6 N_nonembedding + 6 C V (the head).
+
+    N_nonembedding is the parameter count without embedding and head; it includes the excitation
+    layers, which run once per segment rather than per token (an overcount of under 2%). The WKV
+    itself is O(C) per token and left out.
+    """
+    cfg = model.cfg
+    return 6.0 * model.num_params(non_embedding=True) + 6.0 * cfg.n_embd * cfg.vocab_size
+
+
+def device_peak(device: torch.device, override: Optional[float]) -> Tuple[float, str]:
+    """(peak FLOP/s, its name) for MFU."""
+    if override:
+        return override * 1e12, f"configured {override:g} TFLOP/s"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in PEAKS.items():
+            if key in name:
+                return tf * 1e12, f"{name} dense bf16 {tf:g} TFLOP/s"
+        return 989e12, f"unknown card {name}: H100 SXM dense bf16 989 TFLOP/s"
+    return measured_cpu_peak(), "measured fp32 matmul peak of this CPU process"
+
+
+def measured_cpu_peak(n: int = 512, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def run_metadata(root: Path) -> Dict[str, Any]:
+    """Git revision of the code and versions of the packages that shape a run."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = None, None
+    pkgs = {}
+    for name in ("torch", "deepspeed", "webdataset", "sentencepiece", "omegaconf", "wandb", "numpy"):
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pkgs[name] = None
+    return {"git_revision": rev, "git_dirty": dirty, "python": sys.version.split()[0], "packages": pkgs,
+            "cuda": torch.version.cuda}
+
+
+class MetricsLogger:
+    """Rank-0 sink for training rows: metrics.jsonl (appended), wandb, and the console."""
+
+    def __init__(self, out_dir: Path, cfg, max_steps: int, start_step: int, enabled: bool, wandb_id: Optional[str]):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.wandb = None
+        self.bar = None
+        self.wandb_id = wandb_id
+        if not enabled:
+            return
+        if start_step > 0:
+            self._drop_rows_after(start_step)
+        mode = cfg.logging.wandb.mode
+        if mode != "disabled":
+            import wandb
+            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb = wandb.init(project=cfg.logging.wandb.project, name=cfg.logging.wandb.name, mode=mode,
+                                    dir=str(out_dir), id=self.wandb_id, resume="allow",
+                                    config=_plain(cfg), settings=wandb.Settings(silent=True))
+        if cfg.logging.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their earlier rows."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(self.path)
+
+    def log(self, row: Dict[str, Any], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+        if self.bar is not None and "loss" in row:
+            self.bar.n = row["step"]
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+            self.bar.refresh()
+        if console:
+            text = " ".join(_fmt(k, v) for k, v in row.items() if k not in ("time",))
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(k: str, v: Any) -> str:
+    if isinstance(v, float):
+        return f"{k}={v:.4g}" if abs(v) < 1e5 else f"{k}={v:.3e}"
+    return f"{k}={v}"
+
+
+def _plain(cfg) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,341 @@
+"""RRWKV: RWKV-4 with retrospection (mediums) and an excitation gate. The math is rrwkv.md's.
+
+One file, one module per idea: TimeMix (token shift, WKV with mediums), ChannelMix (gated by the
+excitation of the previous segment), Block, RRWKV. No DeepSpeed here: parallelism lives in
+pretrain/engine.py and pretrain/pipeline.py.
+
+Three ways to run (all give the same logits): `model(idx)` (parallel), `model(idx, state,
+return_state=True)` (chunks of any length with carried state) and `model.step(idx_t, state)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels import WKVState, num_mediums, wkv_retro
+
+
+@dataclass
+class RRWKVConfig:
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_embd: int = 128
+    ctx_len: int = 256
+    medium_interval: int = 64        # s; 0 = plain RWKV-4 (no mediums, no excitation)
+    se_reduction: int = 16           # excitation hidden width = n_embd // se_reduction
+    ffn_mult: int = 4                # channel-mix hidden width = ffn_mult * n_embd
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_embd", "ctx_len", "se_reduction", "ffn_mult"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.medium_interval < 0:
+            raise ValueError(f"model.medium_interval must be >= 0 (0 = RWKV-4), got {self.medium_interval}")
+        if self.medium_interval > 0 and self.n_embd // self.se_reduction < 1:
+            raise ValueError(f"model.se_reduction ({self.se_reduction}) must be <= model.n_embd ({self.n_embd})")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RRWKVConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown RRWKVConfig fields {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def se_hidden(self) -> int:
+        return max(1, self.n_embd // self.se_reduction)
+
+
+@dataclass
+class LayerState:
+    """Per-layer recurrent state (rrwkv.md, 'Three ways to run')."""
+    att_x: torch.Tensor                      # (B, C) last time-mix input (token shift)
+    ffn_x: torch.Tensor                      # (B, C) last channel-mix input
+    wkv: WKVState                            # token and medium WKV sums, and the phase
+    att_sum: Optional[torch.Tensor] = None   # (B, C) sum of time-mix inputs of the segment in progress
+    ffn_sum: Optional[torch.Tensor] = None   # (B, C) same for channel-mix inputs
+    gate: Optional[torch.Tensor] = None      # (B, C) channel-mix gate of the segment in progress
+
+    @property
+    def phase(self) -> int:
+        return self.wkv.phase
+
+
+@dataclass
+class RRWKVState:
+    layers: List[LayerState] = field(default_factory=list)
+
+    def detach(self) -> "RRWKVState":
+        d = lambda t: None if t is None else t.detach()  # noqa: E731
+        return RRWKVState([LayerState(d(l.att_x), d(l.ffn_x), l.wkv.detach(), d(l.att_sum),
+                                      d(l.ffn_sum), d(l.gate)) for l in self.layers])
+
+
+def token_shift(x: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+    """x_{t-1} for each t: (B, T, C); `last` (B, C) is the carried previous input (zeros if None)."""
+    prev = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last[:, None].to(x.dtype)
+    return torch.cat([prev, x[:, :-1]], dim=1)
+
+
+def segment_means(x: torch.Tensor, carried_sum: Optional[torch.Tensor], phase: int, interval: int):
+    """Means of x over the segments this chunk touches, and the running sum of the last one.
+
+    x: (B, T, C) starting `phase` positions into a segment whose earlier inputs sum to
+    `carried_sum`. Returns (means (B, J, C), sum of the segment in progress at the end (B, C)).
+    A segment still in progress is averaged over the positions seen so far (its medium is used by
+    no token of this chunk).
+    """
+    B, T, C = x.shape
+    J = num_mediums(phase, T, interval)
+    padded = x.new_zeros(B, J * interval, C)
+    padded[:, phase:phase + T] = x
+    sums = padded.view(B, J, interval, C).sum(2)
+    if carried_sum is not None and phase > 0:
+        sums = torch.cat([sums[:, :1] + carried_sum[:, None].to(x.dtype), sums[:, 1:]], 1)
+    filled = torch.full((J,), float(interval), dtype=x.dtype, device=x.device)
+    filled[-1] = (phase + T) - (J - 1) * interval
+    means = sums / filled[None, :, None]
+    end = (phase + T) % interval
+    running = sums[:, -1] if end != 0 else torch.zeros_like(sums[:, -1])
+    return means, running
+
+
+class Excitation(nn.Module):
+    """sigmoid(W2 relu(W1 m)) of squeeze-and-excitation, on segment summaries (B, J, C)."""
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        self.down = nn.Linear(n_embd, hidden, bias=False)
+        self.up = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.up(F.relu(self.down(m))))
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RRWKVConfig, layer_id: int):
+        super().__init__()
+        C = cfg.n_embd
+        self.interval = cfg.medium_interval
+        self.time_decay = nn.Parameter(torch.zeros(C))
+        self.time_first = nn.Parameter(torch.zeros(C))
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        if self.interval > 0:
+            self.medium_decay = nn.Parameter(torch.zeros(C))
+            self.excite = Excitation(C, cfg.se_hidden)
+
+    def forward(self, x: torch.Tensor, st: Optional[LayerState]):
+        """x: (B, T, C) after ln1. Returns (out (B, T, C), new att_x, new wkv state, new att_sum)."""
+        xx = token_shift(x, None if st is None else st.att_x)
+        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
+        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
+        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
+        wkv_state = None if st is None else st.wkv
+        att_sum = None
+        if self.interval > 0:
+            phase = 0 if st is None else st.phase
+            m, att_sum = segment_means(x, None if st is None else st.att_sum, phase, self.interval)
+            me = m * self.excite(m)                      # squeeze, then excite
+            mk, mv = self.key(me), self.value(me)        # the tokens' own key/value modules
+            y, wkv_state = wkv_retro(self.time_decay, self.time_first, k, v,
+                                     self.medium_decay, mk, mv, self.interval, wkv_state)
+        else:
+            y, wkv_state = wkv_retro(self.time_decay, self.time_first, k, v, state=wkv_state)
+        return self.output(torch.sigmoid(r) * y), x[:, -1], wkv_state, att_sum
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RRWKVConfig, layer_id: int):
+        super().__init__()
+        C, H = cfg.n_embd, cfg.ffn_mult * cfg.n_embd
+        self.interval = cfg.medium_interval
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, H, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(H, C, bias=False)
+        if self.interval > 0:
+            self.excite = Excitation(C, cfg.se_hidden)
+
+    def gates(self, y: torch.Tensor, st: Optional[LayerState]):
+        """Per-token gate g_{j(t)} (B, T, C), the running sum and the gate of the segment in progress."""
+        s = self.interval
+        B, T, C = y.shape
+        phase = 0 if st is None else st.phase
+        c, running = segment_means(y, None if st is None else st.ffn_sum, phase, s)
+        g_first = y.new_ones(B, 1, C) if st is None or st.gate is None else st.gate[:, None].to(y.dtype)
+        g = torch.cat([g_first, 2 * self.excite(c)], 1)  # g[j+1] from c[j]; (B, J+1, C)
+        seg = torch.div(torch.arange(T, device=y.device) + phase, s, rounding_mode="floor")
+        J = c.shape[1]
+        gate_next = g[:, J] if (phase + T) % s == 0 else g[:, J - 1]
+        return g[:, seg], running, gate_next
+
+    def forward(self, y: torch.Tensor, st: Optional[LayerState]):
+        yy = token_shift(y, None if st is None else st.ffn_x)
+        yk = y * self.time_mix_k + yy * (1 - self.time_mix_k)
+        yr = y * self.time_mix_r + yy * (1 - self.time_mix_r)
+        out = torch.sigmoid(self.receptance(yr)) * self.value(torch.square(F.relu(self.key(yk))))
+        ffn_sum = gate = None
+        if self.interval > 0:
+            g, ffn_sum, gate = self.gates(y, st)
+            out = g * out
+        return out, y[:, -1], ffn_sum, gate
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RRWKVConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(self, x: torch.Tensor, st: Optional[LayerState] = None):
+        """x: (B, T, C) -> (B, T, C) and this layer's new state."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        a, att_x, wkv, att_sum = self.att(self.ln1(x), st)
+        x = x + a
+        f, ffn_x, ffn_sum, gate = self.ffn(self.ln2(x), st)
+        x = x + f
+        return x, LayerState(att_x, ffn_x, wkv, att_sum, ffn_sum, gate)
+
+
+class RRWKV(nn.Module):
+    def __init__(self, cfg: RRWKVConfig, init_seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.init_weights(init_seed)
+
+    # ---- initialization (RWKV-4's, rrwkv.md) ----
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """RWKV-4 initialization; each layer draws from its own seed so any layout gets the same weights."""
+        init_embedding(self.emb, self.cfg, seed)
+        init_head(self.head, self.cfg, seed)
+        for ln in (self.ln_out,):
+            ln.reset_parameters()
+        for block in self.blocks:
+            init_block(block, self.cfg, seed)
+
+    # ---- running ----
+    def forward(self, idx: torch.Tensor, state: Optional[RRWKVState] = None, return_state: bool = False):
+        """idx: (B, T) token ids -> logits (B, T, vocab) [, state after the chunk]."""
+        x = self.emb(idx)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and not return_state and torch.is_grad_enabled():
+                # Recompute the block in backward: memory for activations drops to one block's.
+                x = checkpoint(lambda x_, b=block: b(x_)[0], x, use_reentrant=False)
+                continue
+            x, st = block(x, None if state is None else state.layers[i])
+            new_layers.append(st)
+        logits = self.head(self.ln_out(x))
+        if return_state:
+            return logits, RRWKVState(new_layers)
+        return logits
+
+    def step(self, idx_t: torch.Tensor, state: Optional[RRWKVState] = None):
+        """One token per sequence: idx_t (B,) -> (logits (B, vocab), new state)."""
+        logits, state = self.forward(idx_t[:, None], state, return_state=True)
+        return logits[:, 0], state
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.emb.weight.numel() + self.head.weight.numel()
+        return n
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    # Distinct, layout-independent streams: one per layer (index >= 0), embedding (-1), head (-2).
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * (index + 3))
+
+
+def _orthogonal_(weight: torch.Tensor, gain: float, gen: torch.Generator) -> None:
+    """Orthogonal init drawn on CPU from `gen`, copied into `weight` (any device/dtype)."""
+    w = torch.empty(weight.shape, dtype=torch.float32)
+    rows, cols = w.shape
+    flat = torch.randn(max(rows, cols), min(rows, cols), generator=gen)
+    q, r = torch.linalg.qr(flat)
+    q = q * torch.sign(torch.diagonal(r))[None]
+    if rows < cols:
+        q = q.T
+    w.copy_(q[:rows, :cols] * gain)
+    weight.copy_(w.to(weight.dtype))
+
+
+def _linear_gain(weight: torch.Tensor) -> float:
+    rows, cols = weight.shape
+    return math.sqrt(rows / cols) if rows > cols else 1.0
+
+
+@torch.no_grad()
+def init_embedding(emb: nn.Embedding, cfg: RRWKVConfig, seed: int) -> None:
+    gen = _generator(seed, -1)
+    emb.weight.copy_(((torch.rand(emb.weight.shape, generator=gen) * 2 - 1) * 1e-4).to(emb.weight.dtype))
+
+
+@torch.no_grad()
+def init_head(head: nn.Linear, cfg: RRWKVConfig, seed: int) -> None:
+    gain = 0.5 * math.sqrt(cfg.vocab_size / cfg.n_embd) if cfg.vocab_size > cfg.n_embd else 0.5
+    _orthogonal_(head.weight, gain, _generator(seed, -2))
+
+
+@torch.no_grad()
+def init_block(block: Block, cfg: RRWKVConfig, seed: int) -> None:
+    """RWKV-4's curves by layer ratio, zero-init of att.key/receptance/output and
+    ffn.value/receptance, orthogonal elsewhere; medium_decay = time_decay; excitation up-proj zero."""
+    i, L, C = block.layer_id, cfg.n_layer, cfg.n_embd
+    gen = _generator(seed, i)
+    r01 = i / (L - 1) if L > 1 else 0.0
+    r1to0 = 1.0 - i / L
+    ddd = torch.arange(C, dtype=torch.float64) / C
+    h = torch.arange(C, dtype=torch.float64)
+    decay = -5 + 8 * (h / max(C - 1, 1)) ** (0.7 + 1.3 * r01)
+    zigzag = torch.tensor([(j + 1) % 3 - 1 for j in range(C)], dtype=torch.float64) * 0.5
+    att, ffn = block.att, block.ffn
+    set_ = lambda p, val: p.copy_(val.reshape(p.shape).to(p.dtype))  # noqa: E731
+    set_(att.time_decay, decay)
+    set_(att.time_first, torch.full((C,), math.log(0.3), dtype=torch.float64) + zigzag)
+    set_(att.time_mix_k, ddd ** r1to0)
+    set_(att.time_mix_v, ddd ** r1to0 + 0.3 * r01)
+    set_(att.time_mix_r, ddd ** (0.5 * r1to0))
+    set_(ffn.time_mix_k, ddd ** r1to0)
+    set_(ffn.time_mix_r, ddd ** r1to0)
+    for ln in [m for m in block.modules() if isinstance(m, nn.LayerNorm)]:
+        ln.reset_parameters()
+    for lin in (att.key, att.receptance, att.output, ffn.value, ffn.receptance):
+        lin.weight.zero_()
+    for lin in (att.value, ffn.key):
+        _orthogonal_(lin.weight, _linear_gain(lin.weight), gen)
+    if cfg.medium_interval > 0:
+        set_(att.medium_decay, decay)
+        for ex in (att.excite, ffn.excite):
+            _orthogonal_(ex.down.weight, _linear_gain(ex.down.weight), gen)
+            ex.up.weight.zero_()

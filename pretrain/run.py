@@ -1,0 +1,224 @@
+"""The steps of a training run that launch/pretrain.py composes: config, processes, data, model, run files."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import write_atomic
+from .config import ConfigError, load_config, to_yaml
+from .distributed import Dist, init_distributed
+from .metrics import run_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FIELDS = ("vocab_size", "n_layer", "n_embd", "ctx_len", "medium_interval", "se_reduction", "ffn_mult")
+
+
+class UserError(Exception):
+    """Raised for problems the user can fix; printed as one line without a traceback."""
+
+
+def parse_config(argv: Sequence[str], prog: str) -> DictConfig:
+    p = argparse.ArgumentParser(prog=prog, description="Pretrain an RRWKV language model.")
+    p.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge several in order")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    args = p.parse_args(list(argv))
+    return load_config(args.config, args.overrides)
+
+
+def init(cfg: DictConfig) -> Dist:
+    """Start the process group and seed every generator (the same seed on every rank: weights agree)."""
+    d = init_distributed()
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed % 2 ** 32)
+    torch.manual_seed(cfg.run.seed)
+    if cfg.model.cuda_kernel is False:
+        from kernels import use_cuda_kernel
+        use_cuda_kernel(False)
+    if cfg.model.kernel_cache:
+        os.environ["RRWKV_KERNEL_CACHE"] = str(cfg.model.kernel_cache)
+    return d
+
+
+# ---- data ----
+
+@dataclass
+class DataSources:
+    train: Any                      # what TokenStream takes: a path or [(path, weight), ...]
+    valid: Any
+    vocab_size: int
+    eos_id: int
+    tokenizer: Optional[str]
+
+
+def _cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.data.cache_dir or os.environ.get("RRWKV_CACHE") or Path.home() / ".cache" / "rrwkv")
+
+
+def _manifest_path(path: str, key: str) -> Path:
+    p = Path(path)
+    m = p / "manifest.json" if p.is_dir() else p
+    if not m.is_file():
+        raise UserError(f"{key}: no shard directory or manifest.json at '{path}'; run `python -m data_tools "
+                        f"tokenize ... --output DIR` first, or fix the path")
+    return m
+
+
+def _read_manifest(m: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(m.read_text())
+        tok = data["tokenizer"]
+        int(tok["vocab_size"]), int(tok["eos_id"])
+        return data
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"manifest {m} is not a valid data_tools manifest ({e!r}); re-run data_tools tokenize") from None
+
+
+def _sources(value: Any, key: str) -> Tuple[Any, List[Dict[str, Any]]]:
+    """(TokenStream source, manifests) for a config value: a path or a list of {path, weight}."""
+    if isinstance(value, (str, Path)):
+        m = _manifest_path(str(value), key)
+        return str(m), [_read_manifest(m)]
+    items = OmegaConf.to_container(value) if not isinstance(value, list) else value
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{key} must be a path or a list of {{path: ..., weight: ...}}")
+    src, manifests = [], []
+    for it in items:
+        if not isinstance(it, dict) or "path" not in it:
+            raise UserError(f"{key}: each entry must be {{path: ..., weight: ...}}, got {it!r}")
+        m = _manifest_path(str(it["path"]), key)
+        src.append((str(m), float(it.get("weight", 1.0))))
+        manifests.append(_read_manifest(m))
+    return src, manifests
+
+
+def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
+    """Resolve data.train / data.valid (building the built-in corpus once) and check the tokenizer."""
+    train, valid = cfg.data.train, cfg.data.valid
+    if train == "builtin":
+        from data_tools.builtin import prepare_builtin_corpus
+        train, builtin_valid = prepare_builtin_corpus(_cache_dir(cfg), vocab_size=cfg.model.vocab_size)
+        valid = builtin_valid if valid in (None, "builtin") else valid
+        cfg.data.train, cfg.data.valid = str(train), str(valid)   # the resolved config names real paths
+    train_src, manifests = _sources(train, "data.train")
+    valid_src = None
+    if valid:
+        valid_src, vm = _sources(valid, "data.valid")
+        manifests += vm
+    toks = {(m["tokenizer"].get("sha256"), int(m["tokenizer"]["vocab_size"])) for m in manifests}
+    if len(toks) > 1:
+        raise UserError(f"data sources were tokenized with different tokenizers {sorted(toks)}; re-tokenize them "
+                        f"with one tokenizer")
+    tok = manifests[0]["tokenizer"]
+    vocab = int(tok["vocab_size"])
+    if vocab > cfg.model.vocab_size:
+        raise UserError(f"the data's tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+                        f"set model.vocab_size={vocab} (or larger)")
+    return DataSources(train_src, valid_src, vocab, int(tok["eos_id"]), tok.get("path"))
+
+
+def train_stream(cfg: DictConfig, src: DataSources, d: Dist):
+    from .data import TokenStream
+    return TokenStream(src.train, cfg.data.seq_len, cfg.data.micro_batch_size, rank=d.rank,
+                       world_size=d.world_size, num_workers=cfg.data.num_workers, seed=cfg.run.seed)
+
+
+def valid_batches(cfg: DictConfig, src: DataSources, d: Dist):
+    """The first train.eval_batches batches of this rank's part of data.valid (the same every time)."""
+    from .data import TokenStream
+    stream = TokenStream(src.valid, cfg.data.seq_len, cfg.data.micro_batch_size, rank=d.rank,
+                         world_size=d.world_size, num_workers=0, seed=0, max_epochs=1)
+    return itertools.islice(iter(stream), cfg.train.eval_batches)
+
+
+def take(batches, n: int) -> Optional[list]:
+    out = list(itertools.islice(batches, n))
+    return out if len(out) == n else None
+
+
+# ---- model ----
+
+def model_fields(cfg: DictConfig) -> Dict[str, Any]:
+    return {k: cfg.model[k] for k in MODEL_FIELDS}
+
+
+def build_model(cfg: DictConfig, src: DataSources, d: Dist):
+    from .model import RRWKV, RRWKVConfig
+    model = RRWKV(RRWKVConfig(**model_fields(cfg)), init_seed=cfg.run.seed)
+    model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
+    if cfg.run.init_from:
+        load_weights(model, Path(cfg.run.init_from))
+    return model
+
+
+def load_weights(model, model_dir: Path) -> None:
+    """Weights of an exported MODEL_DIR (model.safetensors + config.json) into `model`."""
+    from safetensors.torch import load_file
+    cfg_file, weights = model_dir / "config.json", model_dir / "model.safetensors"
+    if not weights.is_file() or not cfg_file.is_file():
+        raise UserError(f"run.init_from={model_dir}: expected model.safetensors and config.json there "
+                        f"(make one with launch/export.py)")
+    saved = json.loads(cfg_file.read_text())
+    mine = model.cfg.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    if diff:
+        raise UserError(f"run.init_from={model_dir} has a different model shape {diff} (saved, config); "
+                        f"set model.* to match it")
+    state = load_file(str(weights))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+# ---- run files and odds ----
+
+def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, resumed_at: int) -> None:
+    if not d.is_main:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "config.yaml", to_yaml(cfg))
+    meta = dict(run_metadata(ROOT), world_size=d.world_size, device=str(d.device), resumed_at_step=resumed_at,
+                argv=sys.argv)
+    with (out_dir / "runs.jsonl").open("a") as f:     # one line per start (first run and every resume)
+        f.write(json.dumps(meta) + "\n")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_stats(device: torch.device) -> Dict[str, float]:
+    if device.type == "cuda":
+        return {"mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+    try:
+        import resource
+        return {"mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    except ImportError:
+        return {}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def run_main(main, argv) -> int:
+    """Run `main`, turning user errors into one line on stderr and exit status 2."""
+    try:
+        main(argv)
+        return 0
+    except (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError) as e:
+        if isinstance(e, ValueError) and not isinstance(e, ConfigError) and os.environ.get("RRWKV_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
