@@ -1,0 +1,164 @@
+"""manifest.json of a shard directory: writing, loading with validation, tokenizer checks.
+
+    {"format": "rrwkv-shards-v1",
+     "tokenizer": {"path": "tokenizer.model", "sha256": ..., "vocab_size": ..., "eos_id": ...},
+     "dtype": "uint16" | "uint32",
+     "shards": [{"file": "shard-000000.tar", "docs": ..., "tokens": ..., "sha256": ...}, ...],
+     "total_docs": ..., "total_tokens": ..., "skipped": {reason: count}}
+
+Paths inside are relative to the manifest's directory (the tokenizer is copied in beside the
+shards), so a shard directory can be moved or copied to another machine as a whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+FORMAT = "rrwkv-shards-v1"
+MANIFEST = "manifest.json"
+DTYPES = ("uint16", "uint32")
+REMAKE = "make it again with `python -m data_tools tokenize`"
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def manifest_path(source: str | os.PathLike) -> Path:
+    """The manifest.json of a shard directory (or the file itself); FileNotFoundError if absent."""
+    p = Path(source)
+    if p.is_dir():
+        p = p / MANIFEST
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"data source {source} not found: expected a shard directory holding {MANIFEST} "
+            f"(or the path of a {MANIFEST}); make one with `python -m data_tools tokenize`")
+    return p
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded, validated manifest; `dir` is where its relative paths start."""
+    path: Path
+    data: dict
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.data["shards"]
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.data["tokenizer"]["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.data["tokenizer"]["eos_id"])
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.data["total_tokens"])
+
+    @property
+    def total_docs(self) -> int:
+        return int(self.data["total_docs"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The tokenizer file, resolved against the manifest's directory."""
+        return self.dir / self.data["tokenizer"]["path"]
+
+    def shard_path(self, i: int) -> Path:
+        return self.dir / self.shards[i]["file"]
+
+
+def _fail(path: Path, what: str) -> DataError:
+    return DataError(f"manifest {path} is damaged: {what}; {REMAKE}")
+
+
+def load_manifest(source: str | os.PathLike, check_files: bool = True) -> Manifest:
+    """Load and validate a manifest (a shard directory or its manifest.json).
+
+    Raises FileNotFoundError for a missing manifest or shard file (`check_files`) and DataError
+    (a ValueError) for a manifest that does not follow the format; both name the file.
+    """
+    path = manifest_path(source)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"not JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else None
+        raise _fail(path, f"format is {got!r}, expected {FORMAT!r}")
+    for key in ("tokenizer", "dtype", "shards", "total_docs", "total_tokens"):
+        if key not in data:
+            raise _fail(path, f"field {key!r} is missing")
+    tok = data["tokenizer"]
+    if not isinstance(tok, dict) or not all(k in tok for k in ("path", "sha256", "vocab_size",
+                                                                "eos_id")):
+        raise _fail(path, "field 'tokenizer' needs path, sha256, vocab_size and eos_id")
+    if data["dtype"] not in DTYPES:
+        raise _fail(path, f"dtype {data['dtype']!r} is not one of {DTYPES}")
+    if not (0 <= tok["eos_id"] < tok["vocab_size"]):
+        raise _fail(path, f"eos_id {tok['eos_id']} is outside the vocabulary of "
+                          f"{tok['vocab_size']}")
+    shards = data["shards"]
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and {"file", "docs", "tokens"} <= s.keys() for s in shards):
+        raise _fail(path, "every entry of 'shards' needs file, docs and tokens")
+    if sum(s["docs"] for s in shards) != data["total_docs"] or \
+            sum(s["tokens"] for s in shards) != data["total_tokens"]:
+        raise _fail(path, "total_docs/total_tokens disagree with the shard entries")
+    m = Manifest(path, data)
+    if check_files:
+        for i, s in enumerate(shards):
+            if not m.shard_path(i).is_file():
+                raise FileNotFoundError(f"shard {m.shard_path(i)} listed in {path} is missing; "
+                                        f"copy the whole shard directory or {REMAKE}")
+    return m
+
+
+def write_manifest(path: Path, data: dict) -> None:
+    """Write atomically, with sorted keys, so equal content gives equal bytes."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_tokenizer(manifest: Manifest | str | os.PathLike,
+                    tokenizer_path: str | os.PathLike | None = None,
+                    vocab_size: int | None = None) -> Manifest:
+    """Check that the shards were made with this tokenizer and fit a model's vocabulary.
+
+    `tokenizer_path`: the tokenizer the caller will decode with (compared by sha256);
+    `vocab_size`: the model's embedding rows (every token id and EOS must be below it).
+    Raises DataError (a ValueError) naming both files on a mismatch; returns the Manifest.
+    """
+    from .tokenizer import file_sha256
+
+    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, check_files=False)
+    if tokenizer_path is not None:
+        tp = Path(tokenizer_path)
+        if not tp.is_file():
+            raise FileNotFoundError(f"tokenizer {tp} not found; pass the tokenizer the data "
+                                    f"was made with ({m.tokenizer_path})")
+        if file_sha256(tp) != m.data["tokenizer"]["sha256"]:
+            raise DataError(f"tokenizer {tp} is not the one the shards of {m.path} were made with "
+                            f"(sha256 differs); use {m.tokenizer_path} or re-tokenize the data "
+                            f"with {tp}")
+    if vocab_size is not None and m.vocab_size > vocab_size:
+        raise DataError(f"the shards of {m.path} use a vocabulary of {m.vocab_size} tokens but the "
+                        f"model has only {vocab_size}; set model.vocab_size >= {m.vocab_size} or "
+                        f"use data made with a smaller tokenizer")
+    return m

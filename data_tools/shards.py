@@ -1,0 +1,284 @@
+"""`tokenize`: input documents -> webdataset tar shards of token ids + manifest.json.
+
+Each work unit (see inputs.py) is tokenized by one worker into its own shards, written under a
+temporary name in OUT/.work/ and renamed when complete, with a small result file written last;
+a rerun after a kill skips units whose result file exists. When all units are done their shards
+are renamed, in unit order, to OUT/shard-000000.tar, ... and manifest.json is written. Tar members
+carry fixed metadata (mtime 0, fixed owner and mode), so the same inputs and settings give
+byte-identical output whatever the number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .inputs import (FileReport, WorkUnit, expand_inputs, iter_unit_documents, merge_reports,
+                     plan_units, SKIP_REASONS)
+from .manifest import FORMAT, MANIFEST, dtype_for_vocab, write_manifest
+from .tokenizer import Tokenizer
+
+DEFAULT_SHARD_TOKENS = 1 << 26   # ~128 MiB of uint16 per shard
+DEFAULT_UNIT_BYTES = 1 << 26     # input bytes per work unit
+ENCODE_BATCH_CHARS = 1 << 20     # documents are encoded in batches of about this many characters
+WORK = ".work"
+
+
+@dataclass(frozen=True)
+class Settings:
+    tokenizer: str
+    text_key: str = "text"
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    max_doc_tokens: int | None = None
+    strict: bool = False
+    eos_token: str | None = None
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through (tarfile's stream mode only writes)."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "wb")
+        self.sha = hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def close(self):
+        self.f.close()
+
+
+class _UnitShardWriter:
+    """Rolls a unit's documents over into tar shards of about `shard_tokens` tokens each."""
+
+    def __init__(self, work: Path, unit: int, shard_tokens: int):
+        self.work, self.unit, self.shard_tokens = work, unit, shard_tokens
+        self.shards: list[dict] = []
+        self.writer = None
+        self.samples = 0
+
+    def _open(self):
+        import webdataset as wds
+
+        name = f"unit-{self.unit:06d}-{len(self.shards):04d}.tar"
+        self.tmp = self.work / (name + ".tmp")
+        self.file = _HashingFile(self.tmp)
+        self.writer = wds.TarWriter(self.file, user="rrwkv", group="rrwkv", mode=0o444, mtime=0)
+        self.current = {"file": name, "docs": 0, "tokens": 0}
+
+    def write(self, tokens: np.ndarray):
+        if self.writer is None:
+            self._open()
+        # Keys are unique across the whole shard set and free of dots (webdataset splits there).
+        self.writer.write({"__key__": f"{self.unit:06d}-{self.samples:09d}", "npy": tokens})
+        self.samples += 1
+        self.current["docs"] += 1
+        self.current["tokens"] += int(tokens.size)
+        if self.current["tokens"] >= self.shard_tokens:
+            self.close()
+
+    def close(self):
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.file.close()
+        self.current["sha256"] = self.file.sha.hexdigest()
+        os.replace(self.tmp, self.work / self.current["file"])
+        self.shards.append(self.current)
+        self.writer = None
+
+
+def _encode_batches(docs, tok: Tokenizer):
+    batch, size = [], 0
+    for d in docs:
+        batch.append(d)
+        size += len(d)
+        if size >= ENCODE_BATCH_CHARS:
+            yield from zip(batch, tok.encode_batch(batch))
+            batch, size = [], 0
+    if batch:
+        yield from zip(batch, tok.encode_batch(batch))
+
+
+_TOKENIZER: Tokenizer | None = None
+
+
+def _worker_tokenizer(settings: Settings) -> Tokenizer:
+    global _TOKENIZER
+    if _TOKENIZER is None or str(_TOKENIZER.path) != settings.tokenizer:
+        _TOKENIZER = Tokenizer(settings.tokenizer, eos_token=settings.eos_token)
+    return _TOKENIZER
+
+
+def run_unit(unit: WorkUnit, settings: Settings, work: Path) -> dict:
+    """Tokenize one work unit into its shards; returns (and saves) its result record."""
+    done = work / f"unit-{unit.index:06d}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    tok = _worker_tokenizer(settings)
+    dtype = np.dtype(dtype_for_vocab(tok.vocab_size))
+    reports: dict[str, FileReport] = {}
+    writer = _UnitShardWriter(work, unit.index, settings.shard_tokens)
+    docs = iter_unit_documents(unit, settings.text_key, settings.strict, reports)
+    n_docs = n_tokens = 0
+    for text, ids in _encode_batches(docs, tok):
+        arr = np.asarray(ids, dtype=dtype)
+        step = settings.max_doc_tokens or max(arr.size, 1)
+        for lo in range(0, arr.size, step):
+            writer.write(arr[lo:lo + step])
+        n_docs += 1
+        n_tokens += arr.size
+    writer.close()
+    # docs_written counts documents (before any --max-doc-tokens split), per input file.
+    written = sum(r.docs_read - sum(r.skipped.values()) for r in reports.values())
+    assert written == n_docs, (written, n_docs)
+    for r in reports.values():
+        r.docs_written = r.docs_read - sum(r.skipped.values())
+    result = {"unit": unit.index, "shards": writer.shards, "docs": n_docs, "tokens": n_tokens,
+              "reports": [reports[p].to_json() for p in sorted(reports)]}
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(result, sort_keys=True))
+    os.replace(tmp, done)
+    return result
+
+
+def _run_unit_star(args):
+    return run_unit(*args)
+
+
+@dataclass
+class TokenizeResult:
+    manifest_path: Path
+    manifest: dict
+    reports: list[FileReport]
+    seconds: float
+
+    def summary(self, key: str = "text") -> str:
+        m = self.manifest
+        lines = [f"wrote {m['total_docs']:,} documents, {m['total_tokens']:,} tokens in "
+                 f"{len(m['shards'])} shard(s) to {self.manifest_path.parent} "
+                 f"({m['total_tokens'] / max(self.seconds, 1e-9):,.0f} tokens/s)"]
+        skipped = m["skipped"]
+        if skipped:
+            lines.append("skipped: " + ", ".join(
+                f"{n:,} {SKIP_REASONS[r].format(key=key)}" for r, n in sorted(skipped.items())))
+            for r in self.reports:
+                if r.skipped:
+                    lines.append(f"  {r.path}: read {r.docs_read:,}, written {r.docs_written:,}, "
+                                 f"skipped {sum(r.skipped.values()):,}")
+                    lines += [f"    {r.path}:{line}: {why}" if line else f"    {r.path}: {why}"
+                              for line, why in r.examples]
+        return "\n".join(lines)
+
+
+def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLike, *,
+                   workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                   text_key: str = "text", max_doc_tokens: int | None = None,
+                   strict: bool = False, eos_token: str | None = None,
+                   unit_bytes: int = DEFAULT_UNIT_BYTES, overwrite: bool = False,
+                   progress: bool | None = None) -> TokenizeResult:
+    """Tokenize input files into OUT/shard-*.tar + OUT/manifest.json (see module docstring)."""
+    t0 = time.perf_counter()
+    files = expand_inputs(inputs)
+    tok = Tokenizer(tokenizer, eos_token=eos_token)  # validates in the parent, once
+    if shard_tokens < 1 or (max_doc_tokens is not None and max_doc_tokens < 1):
+        raise DataError("--shard-tokens and --max-doc-tokens must be positive")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise DataError(f"{out} already holds a finished shard set ({MANIFEST}); choose another "
+                            f"--output or pass --overwrite")
+        for p in list(out.glob("shard-*.tar")) + [out / MANIFEST]:
+            p.unlink()
+    settings = Settings(str(tok.path.resolve()), text_key, shard_tokens, max_doc_tokens,
+                        strict, eos_token)
+    units = plan_units(files, unit_bytes)
+    work = out / WORK
+    plan = {"settings": settings.__dict__, "tokenizer_sha256": tok.sha256,
+            "units": [u.__dict__ for u in units],
+            "sizes": [f.stat().st_size for f in files]}
+    plan_file = work / "plan.json"
+    if work.exists() and (not plan_file.is_file() or json.loads(plan_file.read_text()) != plan):
+        shutil.rmtree(work)  # left by a run with other inputs or settings: nothing to reuse
+    work.mkdir(exist_ok=True)
+    plan_file.write_text(json.dumps(plan))
+
+    results = []
+    jobs = [(u, settings, work) for u in units]
+    bar = _progress(len(units), progress)
+    if workers > 1 and len(units) > 1:
+        ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads or torch
+        with ctx.Pool(min(workers, len(units))) as pool:
+            for r in pool.imap_unordered(_run_unit_star, jobs):
+                results.append(r)
+                bar.update(r["tokens"])
+    else:
+        for job in jobs:
+            results.append(run_unit(*job))
+            bar.update(results[-1]["tokens"])
+    bar.close()
+    results.sort(key=lambda r: r["unit"])
+
+    manifest = _finish(out, work, tok, results)
+    reports = merge_reports([[FileReport.from_json(d) for d in r["reports"]] for r in results])
+    shutil.rmtree(work)
+    return TokenizeResult(out / MANIFEST, manifest, reports, time.perf_counter() - t0)
+
+
+def _finish(out: Path, work: Path, tok: Tokenizer, results: list[dict]) -> dict:
+    """Rename unit shards to their final names, copy the tokenizer in, write manifest.json."""
+    shards, skipped = [], {}
+    for r in results:
+        for s in r["shards"]:
+            final = f"shard-{len(shards):06d}.tar"
+            if (work / s["file"]).exists():
+                os.replace(work / s["file"], out / final)
+            shards.append({"file": final, "docs": s["docs"], "tokens": s["tokens"],
+                           "sha256": s["sha256"]})
+        for rep in r["reports"]:
+            for reason, n in rep["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+    tok_name = "tokenizer.json" if tok.kind == "hf" else "tokenizer.model"
+    if not (out / tok_name).exists() or (out / tok_name).read_bytes() != tok.path.read_bytes():
+        shutil.copyfile(tok.path, out / (tok_name + ".tmp"))
+        os.replace(out / (tok_name + ".tmp"), out / tok_name)
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": {"path": tok_name, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "eos_id": tok.eos_id, "kind": tok.kind},
+        "dtype": dtype_for_vocab(tok.vocab_size),
+        "shards": shards,
+        "total_docs": sum(s["docs"] for s in shards),
+        "total_tokens": sum(s["tokens"] for s in shards),
+        "documents": sum(r["docs"] for r in results),
+        "skipped": dict(sorted(skipped.items())),
+    }
+    write_manifest(out / MANIFEST, manifest)
+    return manifest
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(units: int, enabled: bool | None):
+    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {units} unit(s)")
