@@ -15,7 +15,7 @@ import torch
 
 from .state import NEG, WKVState, num_mediums, state_dtype
 
-CHUNK = 32
+CHUNK = 16
 
 Triple = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
