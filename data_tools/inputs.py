@@ -21,7 +21,7 @@ from .errors import DataError
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES
-MAX_EXAMPLES = 5  # skipped records whose file:line is kept for the report, per input file
+MAX_EXAMPLES = 10  # skipped records whose file:line is kept for the report, per input file
 
 # Why a record was skipped; `empty` is normal data, the others are malformed input (--strict).
 SKIP_REASONS = {
@@ -118,10 +118,11 @@ class FileReport:
     skipped: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)   # [(line, reason)]
 
-    def skip(self, reason: str, line: int, detail: str = "") -> None:
+    def skip(self, reason: str, line: int, detail: str = "", key: str = "text") -> None:
         self.skipped[reason] += 1
         if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append((line, reason + (f": {detail}" if detail else "")))
+            what = SKIP_REASONS[reason].format(key=key)
+            self.examples.append((line, what + (f" ({detail})" if detail else "")))
 
     def to_json(self) -> dict:
         return {"path": self.path, "docs_read": self.docs_read, "docs_written": self.docs_written,
@@ -216,7 +217,7 @@ def _read_jsonl(path: str, start: int, end: int | None, key: str, strict: bool,
                     # Line numbers of later units are fixed up by the caller (see report_lines).
                     raise _strict_error(path, line_no if start == 0 else None, reason,
                                         detail or f"byte range from {start}", key)
-                report.skip(reason, line_no, detail)
+                report.skip(reason, line_no, detail if reason != "missing_field" else "", key)
                 continue
             yield text
         report.lines += line_no

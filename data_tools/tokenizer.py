@@ -193,8 +193,8 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, output_prefix
             raise DataError("tokenizer training got no text: the inputs hold no non-empty "
                             "documents") from None
         raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary from "
-                        f"{counted['chars']:,} characters ({e}); use a smaller --vocab-size or "
-                        f"more text") from None
+                        f"{counted['chars']:,} characters ({e}); change --vocab-size as it says, "
+                        f"or give more text") from None
     model_path = prefix.with_name(prefix.name + ".model")
     _write_atomic(model_path, model.getvalue())
     info = {"trainer": "sentencepiece", "sentencepiece_version": spm.__version__,
