@@ -1,0 +1,210 @@
+"""Benchmark of the WKV-retrospection kernel (forward + backward), one table from one run on one card.
+
+    python -m kernels.benchmark [--dtype bf16] [--interval 64] [--shapes 8x1024x2048,4x4096x2048,1x16384x2048]
+    python -m kernels.benchmark --compile-times      # cold compile and warm load, in fresh processes
+
+Rows: this kernel with mediums (interval 64) and without (interval 0); flash-linear-attention's
+fused_recurrent_rwkv4 when `fla` is importable; the pure-PyTorch reference on GPU tensors; PyTorch
+SDPA (causal, head size 128, same width: flash attention); and the memory floor of 18 bytes per
+element (read k, v, gy, y-related traffic as the issue counts it) at the bandwidth of a device-to-
+device copy measured in the same run. Times are medians over repetitions, CUDA events around each
+forward + backward, inputs rotated among several sets so that L2 does not hold them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def time_fn(fn, sets, warmup=5, rep=30):
+    """Median milliseconds of fn(inputs) over `rep` runs, rotating over the input sets."""
+    for i in range(warmup):
+        fn(sets[i % len(sets)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(rep):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        x = sets[i % len(sets)]
+        s.record()
+        fn(x)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    """Bytes read + written per second of a large device-to-device copy (GB/s)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = time_fn(lambda x: b.copy_(a), [None], warmup=3, rep=20)
+    del a, b
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def wkv_inputs(B, T, C, s, dtype, n_sets, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *sh: torch.randn(*sh, device="cuda", generator=g)  # noqa: E731
+    sets = []
+    for _ in range(n_sets):
+        td = (r(C) * 1.5 - 1).requires_grad_()
+        tf = r(C).requires_grad_()
+        k = (r(B, T, C) * 3).to(dtype).requires_grad_()
+        v = r(B, T, C).to(dtype).requires_grad_()
+        gy = r(B, T, C).to(dtype)
+        if s:
+            J = -(-T // s)
+            md = (r(C) * 1.5 - 1).requires_grad_()
+            mk = (r(B, J, C) * 3).requires_grad_()
+            mv = r(B, J, C).requires_grad_()
+        else:
+            md = mk = mv = None
+        sets.append((td, tf, k, v, md, mk, mv, gy))
+    return sets
+
+
+def wkv_step(s, fn):
+    def step(x):
+        td, tf, k, v, md, mk, mv, gy = x
+        y, _ = fn(td, tf, k, v, md, mk, mv, s, None)
+        leaves = [t for t in (td, tf, k, v, md, mk, mv) if t is not None]
+        torch.autograd.grad(y, leaves, gy)
+    return step
+
+
+def sdpa_inputs(B, T, C, dtype, n_sets):
+    H, D = max(C // 128, 1), 128
+    out = []
+    for _ in range(n_sets):
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        out.append((q, k, v, torch.randn(B, H, T, D, device="cuda", dtype=dtype)))
+    return out
+
+
+def sdpa_step(x):
+    q, k, v, go = x
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.autograd.grad(o, (q, k, v), go)
+
+
+def fla_step():
+    try:
+        from fla.ops.rwkv4 import fused_recurrent_rwkv4  # type: ignore
+    except Exception as e:  # noqa: BLE001
+        return None, f"not importable ({type(e).__name__})"
+
+    def step(x):
+        td, tf, k, v, _md, _mk, _mv, gy = x
+        y, _ = fused_recurrent_rwkv4(-torch.exp(td), tf, k, v)
+        torch.autograd.grad(y, (td, tf, k, v), gy)
+    return step, ""
+
+
+def bench(shapes, dtype, interval, rep):
+    from kernels import wkv_retro
+    from kernels.reference import wkv_retro_reference
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    esize = torch.tensor([], dtype=dtype).element_size()
+    rows = []
+    fla, fla_why = fla_step()
+    for (B, T, C) in shapes:
+        n_sets = 3
+        res = {}
+        sets_m = wkv_inputs(B, T, C, interval, dtype, n_sets)
+        res["kernel, mediums (s=%d)" % interval] = time_fn(wkv_step(interval, wkv_retro), sets_m, rep=rep)
+        del sets_m
+        sets_0 = wkv_inputs(B, T, C, 0, dtype, n_sets)
+        res["kernel, no mediums (s=0)"] = time_fn(wkv_step(0, wkv_retro), sets_0, rep=rep)
+        if fla is not None:
+            try:
+                res["fla fused_recurrent_rwkv4"] = time_fn(fla, sets_0, rep=rep)
+            except Exception as e:  # noqa: BLE001
+                res["fla fused_recurrent_rwkv4"] = f"failed ({type(e).__name__})"
+        else:
+            res["fla fused_recurrent_rwkv4"] = fla_why
+        del sets_0
+        try:
+            sets_r = wkv_inputs(B, T, C, interval, dtype, 1)
+            res["reference (PyTorch) on GPU, s=%d" % interval] = time_fn(
+                wkv_step(interval, wkv_retro_reference), sets_r, warmup=1, rep=3)
+            del sets_r
+        except torch.OutOfMemoryError:
+            res["reference (PyTorch) on GPU, s=%d" % interval] = "out of memory"
+        torch.cuda.empty_cache()
+        sets_a = sdpa_inputs(B, T, C, dtype, n_sets)
+        res["SDPA causal, head 128 (flash)"] = time_fn(sdpa_step, sets_a, rep=rep)
+        del sets_a
+        torch.cuda.empty_cache()
+        res["memory floor (18 B/elt at copy bw)"] = 18 * (esize / 2) * B * T * C / (bw * 1e9) * 1e3
+        rows.append(((B, T, C), res))
+    date = datetime.date.today().isoformat()
+    print(f"\nWKV fwd+bwd, {str(dtype).replace('torch.', '')}, median ms; card: {dev}; date: {date}; "
+          f"copy bandwidth {bw:.0f} GB/s; torch {torch.__version__}")
+    names = list(rows[0][1])
+    head = "| " + " | ".join(["what"] + [f"({B},{T},{C})" for (B, T, C), _ in rows]) + " |"
+    print(head)
+    print("|" + "---|" * (len(rows) + 1))
+    for n in names:
+        cells = []
+        for _, res in rows:
+            x = res[n]
+            cells.append(f"{x:.3f}" if isinstance(x, float) else str(x))
+        print("| " + " | ".join([n] + cells) + " |")
+
+
+def compile_times(dtype_name, cache_dir=None):
+    """Cold compile (empty cache) and warm load (cache filled), each in a fresh process."""
+    code = ("import time, torch; t=time.time(); from kernels import build; "
+            f"build.load_wkv_extension(torch.{str(DTYPES[dtype_name]).replace('torch.', '')}); "
+            "print('LOAD_SECONDS', time.time()-t)")
+    with tempfile.TemporaryDirectory() as d:
+        if cache_dir:                      # keep the cache (e.g. for the tests that follow)
+            d = cache_dir
+            if os.path.isdir(d) and os.listdir(d):
+                raise SystemExit(f"--cache-dir {d} must be empty or new to time a cold compile")
+        env = dict(os.environ, RRWKV_KERNEL_CACHE=d)
+        out = {}
+        for what in ("cold", "warm"):
+            t = time.time()
+            p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            wall = time.time() - t
+            if p.returncode != 0:
+                print(p.stdout, p.stderr)
+                raise SystemExit(f"{what} load failed")
+            inner = float([ln for ln in p.stdout.splitlines() if ln.startswith("LOAD_SECONDS")][0].split()[1])
+            out[what] = (inner, wall)
+        print(f"compile ({dtype_name}): cold load_wkv_extension {out['cold'][0]:.1f} s "
+              f"(process {out['cold'][1]:.1f} s); warm {out['warm'][0]:.2f} s (process {out['warm'][1]:.1f} s, "
+              f"includes importing torch)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--interval", type=int, default=64)
+    ap.add_argument("--shapes", default="8x1024x2048,4x4096x2048,1x16384x2048")
+    ap.add_argument("--rep", type=int, default=30)
+    ap.add_argument("--compile-times", action="store_true")
+    ap.add_argument("--cache-dir", default=None, help="with --compile-times: cache to fill (empty or new)")
+    a = ap.parse_args(argv)
+    if a.compile_times:
+        compile_times(a.dtype, a.cache_dir)
+        return
+    shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+    bench(shapes, DTYPES[a.dtype], a.interval, a.rep)
+
+
+if __name__ == "__main__":
+    main()

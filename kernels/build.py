@@ -1,0 +1,345 @@
+"""Compile-at-launch of the WKV CUDA kernel: cache, one compile per node (file lock), clear errors.
+
+The extension is built with torch.utils.cpp_extension.load the first time a process needs it, into
+a cache directory keyed by the hash of its sources and flags, the GPU architecture and the input
+dtype (one small module per dtype). Where the cache lives, in order:
+  1. the `cache_dir` argument of load_wkv_extension(),
+  2. set_cache_dir() (the training config calls it with its `model.kernel_cache_dir`),
+  3. the environment variable RRWKV_KERNEL_CACHE (point it at a shared filesystem to compile once
+     for the whole cluster),
+  4. ~/.cache/rrwkv/kernels.
+Concurrent processes (the local ranks of a node, or nodes sharing the cache) serialize on a lock
+file next to the build folder: one compiles, the others wait and then import the result. The lock
+is an flock(2) lock, which the kernel drops when its holder dies, so a killed compile never leaves a
+lock that is waited on forever. On filesystems without flock a lock file created with O_EXCL is
+used instead; it records host and pid and is refreshed by a heartbeat thread, and is taken over when
+its holder is dead (same host) or its heartbeat stopped (any host). torch's own build-folder lock
+(a plain file named `lock`, which a killed torch build leaves behind and which makes torch wait
+forever) is removed while our lock is held, since then nobody else can be building.
+A build that completed is recorded by a marker file; later loads import the .so directly (no ninja
+run), which takes well under a second.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+WKV_SOURCES = ("wkv.cu", "wkv.cpp")
+WKV_HEADERS = ("wkv.h",)
+DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Bump when the build recipe below changes in a way the sources' hash does not capture.
+RECIPE_VERSION = "1"
+
+_cache_dir_override: Optional[str] = None
+_loaded: Dict[str, object] = {}
+_load_lock = threading.Lock()
+
+
+class KernelBuildError(RuntimeError):
+    """The CUDA kernel could not be built or loaded (message holds the compiler's output)."""
+
+
+def set_cache_dir(path: Optional[str]) -> None:
+    """Where compiled kernels are cached (None: back to RRWKV_KERNEL_CACHE or the default)."""
+    global _cache_dir_override
+    _cache_dir_override = None if path in (None, "") else str(path)
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    for cand in (cache_dir, _cache_dir_override, os.environ.get("RRWKV_KERNEL_CACHE")):
+        if cand:
+            return Path(cand).expanduser()
+    return Path.home() / ".cache" / "rrwkv" / "kernels"
+
+
+def source_hash(files: Iterable[Path], flags: Iterable[str] = ()) -> str:
+    h = hashlib.sha256()
+    h.update(RECIPE_VERSION.encode())
+    for f in sorted(Path(x) for x in files):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for fl in flags:
+        h.update(fl.encode() + b"\0")
+    h.update(torch.__version__.encode())
+    h.update(str(torch.version.cuda).encode())
+    return h.hexdigest()[:16]
+
+
+def find_nvcc() -> Optional[str]:
+    """Path of nvcc as torch's extension builder will find it, or None."""
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    if home:
+        p = Path(home) / "bin" / "nvcc"
+        if p.exists():
+            return str(p)
+    return shutil.which("nvcc")
+
+
+# ------------------------------------------------------------------------------------------ lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BuildLock:
+    """An exclusive inter-process lock on `path` that never waits on a dead holder.
+
+    mode "flock" (default when the filesystem supports it): fcntl.flock on the file; released by the
+    OS when the holder exits or is killed. mode "file": an O_EXCL lock file holding
+    {"host", "pid", "time"}, refreshed every `heartbeat` seconds; a waiter removes it when the holder
+    is a dead process of this host or the file has not been refreshed for `stale_after` seconds.
+    """
+
+    def __init__(self, path, timeout: float = 600.0, mode: str = "auto", heartbeat: float = 5.0,
+                 stale_after: float = 60.0, poll: float = 0.2):
+        self.path = Path(path)
+        self.timeout, self.mode, self.heartbeat = timeout, mode, heartbeat
+        self.stale_after, self.poll = stale_after, poll
+        self._fd = None
+        self._stop = None
+        self._thread = None
+        self.recovered_stale = False
+
+    # -- flock
+    def _acquire_flock(self, deadline: float) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"timed out after {self.timeout:.0f} s waiting for build lock {self.path} "
+                                           f"(held by a live process: {self._describe(fd)})")
+                    time.sleep(self.poll)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self._me()).encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _describe(self, fd) -> str:
+        try:
+            return os.pread(fd, 4096, 0).decode() or "unknown"
+        except OSError:
+            return "unknown"
+
+    # -- O_EXCL file
+    def _me(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+
+    def _is_stale(self, info: Optional[dict], mtime: float) -> bool:
+        if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            if not _pid_alive(info["pid"]):
+                return True
+        return time.time() - mtime > self.stale_after
+
+    def _acquire_file(self, deadline: float) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                os.write(fd, json.dumps(self._me()).encode())
+                os.close(fd)
+                break
+            except FileExistsError:
+                pass
+            try:
+                raw = self.path.read_text()
+                mtime = self.path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            try:
+                info = json.loads(raw) if raw else None
+            except ValueError:
+                info = None
+            if self._is_stale(info, mtime):
+                # Take the stale file out of the way atomically; if someone replaced it meanwhile
+                # (its content changed), put theirs back and try again.
+                grave = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}.{time.monotonic_ns()}")
+                try:
+                    os.rename(self.path, grave)
+                except FileNotFoundError:
+                    continue
+                if grave.read_text() != raw:
+                    try:
+                        os.link(grave, self.path)
+                    except FileExistsError:
+                        pass
+                    grave.unlink(missing_ok=True)
+                    continue
+                grave.unlink(missing_ok=True)
+                self.recovered_stale = True
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {self.timeout:.0f} s waiting for build lock {self.path} "
+                                   f"(held by {raw.strip() or 'unknown'})")
+            time.sleep(self.poll)
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(self.heartbeat):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass
+        self._thread = threading.Thread(target=beat, name="rrwkv-build-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def acquire(self) -> "BuildLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.timeout
+        mode = self.mode
+        if mode in ("auto", "flock") and fcntl is not None:
+            try:
+                self._acquire_flock(deadline)
+                self.mode = "flock"
+                return self
+            except OSError as e:
+                if mode == "flock" or e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                # flock unsupported here: fall back to the lock file. Uses a separate name so
+                # that the flock file (which always exists) is not mistaken for a held lock.
+            self.path = self.path.with_name(self.path.name + ".x")
+        self.mode = "file"
+        self._acquire_file(deadline)
+        return self
+
+    def release(self) -> None:
+        if self.mode == "flock" and self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+        elif self.mode == "file" and self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._stop = None
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------- build
+def _import_so(name: str, so: Path):
+    spec = importlib.util.spec_from_file_location(name, so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_extension(name: str, sources: List[Path], build_root: Path, key: str,
+                    extra_cflags=(), extra_cuda_cflags=(), needs_nvcc: bool = True,
+                    verbose: bool = False, lock_timeout: float = 900.0, lock_mode: str = "auto"):
+    """Build (once, under the lock) or import the cached torch extension `name`.
+
+    The module is cached in build_root/name; `key` identifies the build (checked by the marker).
+    Raises KernelBuildError with the compiler's output when the build fails.
+    """
+    build_dir = build_root / name
+    marker = build_dir / "BUILD_OK"
+    so = build_dir / f"{name}.so"
+
+    def cached():
+        try:
+            return marker.read_text().strip() == key and so.exists()
+        except OSError:
+            return False
+
+    if cached():
+        try:
+            return _import_so(name, so)
+        except ImportError:
+            pass                     # a broken .so: rebuild below
+    if needs_nvcc and find_nvcc() is None:
+        raise KernelBuildError(
+            "rrwkv: cannot build the WKV CUDA kernel: nvcc (the CUDA compiler) was not found. Install the "
+            "CUDA toolkit matching torch (torch.version.cuda = %s) and set CUDA_HOME, or run with the "
+            "pure-PyTorch reference (config model.cuda_kernel=false, i.e. kernels.use_cuda_kernel(False))."
+            % torch.version.cuda)
+    build_root.mkdir(parents=True, exist_ok=True)
+    with BuildLock(build_root / f"{name}.lock", timeout=lock_timeout, mode=lock_mode):
+        if cached():                 # another process built it while we waited
+            return _import_so(name, so)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # torch's own FileBaton lock: a leftover from a killed build would make torch wait forever.
+        (build_dir / "lock").unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
+        from torch.utils import cpp_extension
+        try:
+            mod = cpp_extension.load(name=name, sources=[str(s) for s in sources],
+                                     extra_cflags=list(extra_cflags), extra_cuda_cflags=list(extra_cuda_cflags),
+                                     build_directory=str(build_dir), verbose=verbose, with_cuda=needs_nvcc)
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/CalledProcessError/OSError
+            out = str(e)
+            raise KernelBuildError(
+                f"rrwkv: building the kernel extension {name} in {build_dir} failed. The compiler said:\n{out}\n"
+                "To train without the CUDA kernel set model.cuda_kernel=false "
+                "(kernels.use_cuda_kernel(False)).") from e
+        marker.write_text(key + "\n")
+        return mod
+
+
+def arch_of_current_device() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}"
+
+
+def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verbose: bool = False):
+    """The compiled WKV module for inputs of `dtype` on the current GPU (built on first use)."""
+    if dtype not in DTYPE_IDS:
+        raise KernelBuildError(f"rrwkv: the WKV CUDA kernel has no build for dtype {dtype}")
+    arch = arch_of_current_device()
+    files = [CSRC / f for f in WKV_SOURCES + WKV_HEADERS]
+    cuda_flags = ["-O3", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                  "-Xptxas=-O3"]
+    cflags = ["-O2"]
+    key = source_hash(files, cuda_flags + cflags + [arch])
+    name = f"rrwkv_wkv_{DTYPE_NAMES[dtype]}_sm{arch}_{key}"
+    root = cache_root(cache_dir)
+    with _load_lock:
+        mod = _loaded.get(str(root / name))
+        if mod is not None:
+            return mod
+        # Compile for this GPU only (TORCH_CUDA_ARCH_LIST may list several and cost minutes).
+        old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
+        try:
+            mod = build_extension(name, [CSRC / f for f in WKV_SOURCES], root, key,
+                                  extra_cflags=cflags, extra_cuda_cflags=cuda_flags, verbose=verbose)
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old
+        _loaded[str(root / name)] = mod
+        return mod

@@ -1,0 +1,149 @@
+// Torch binding of the WKV-retrospection kernels (wkv.cu). One module per input dtype.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "wkv.h"
+
+namespace {
+
+void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.is_cuda(), "wkv: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "wkv: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == shape, "wkv: ", name, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+at::ScalarType module_dtype() {
+  std::string n = wkv_dtype_name();
+  if (n == "bfloat16") return at::kBFloat16;
+  if (n == "float16") return at::kHalf;
+  return at::kFloat;
+}
+
+void check_in(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.is_cuda(), "wkv: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == module_dtype(), "wkv: ", name, " must be ", wkv_dtype_name(),
+              " for this build, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == shape, "wkv: ", name, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+float* fp(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+// Returns y, the outgoing state (aa, bb, pp, ma, mb, mp) and what the backward needs
+// (chunk-start token states cs_a, cs_b, cs_p and medium states ms_a, ms_b, ms_p).
+std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, at::Tensor v,
+                                    at::Tensor md, at::Tensor mk, at::Tensor mv,
+                                    at::Tensor aa, at::Tensor bb, at::Tensor pp,
+                                    at::Tensor ma, at::Tensor mb, at::Tensor mp,
+                                    int64_t interval, int64_t phase) {
+  TORCH_CHECK(k.dim() == 3, "wkv: k must be (B, T, C)");
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  TORCH_CHECK(T > 0 && B > 0 && C > 0, "wkv: empty input");
+  TORCH_CHECK(interval >= 0 && (interval == 0 || (phase >= 0 && phase < interval)), "wkv: bad interval/phase");
+  TORCH_CHECK(B * T * C < (int64_t(1) << 62) && T < (int64_t(1) << 30) && C < (int64_t(1) << 30), "wkv: too large");
+  const c10::cuda::CUDAGuard guard(k.device());
+  WkvGeo g = wkv_make_geo((int)B, (int)T, (int)C, (int)interval, (int)phase);
+  TORCH_CHECK(g.NC <= 65535 && B <= 65535, "wkv: too many chunks or batch rows for one launch");
+  check_f32(td, "time_decay", {C});
+  check_f32(tf, "time_first", {C});
+  check_in(k, "k", {B, T, C});
+  check_in(v, "v", {B, T, C});
+  for (auto* t : {&aa, &bb, &pp}) check_f32(*t, "state", {B, C});
+  if (interval > 0) {
+    check_f32(md, "medium_decay", {C});
+    check_f32(mk, "mk", {B, g.J, C});
+    check_f32(mv, "mv", {B, g.J, C});
+    for (auto* t : {&ma, &mb, &mp}) check_f32(*t, "medium state", {B, C});
+  }
+  auto f32 = k.options().dtype(at::kFloat);
+  at::Tensor y = at::empty_like(k);
+  at::Tensor aaT = at::empty({B, C}, f32), bbT = at::empty({B, C}, f32), ppT = at::empty({B, C}, f32);
+  const int64_t Jm = interval > 0 ? g.J : 0, Cm = interval > 0 ? C : 0;
+  at::Tensor maT = at::empty({B, Cm}, f32), mbT = at::empty({B, Cm}, f32), mpT = at::empty({B, Cm}, f32);
+  at::Tensor cs = at::empty({3, B, g.NC, C}, f32);
+  at::Tensor ms = at::empty({3, B, Jm, C}, f32);
+  at::Tensor loc = at::empty({3, B, g.NC, C}, f32);
+  WkvFwdArgs A;
+  A.g = g;
+  A.td = fp(td); A.tf = fp(tf); A.md = interval > 0 ? fp(md) : nullptr;
+  A.k = k.data_ptr(); A.v = v.data_ptr();
+  A.mk = interval > 0 ? fp(mk) : nullptr; A.mv = interval > 0 ? fp(mv) : nullptr;
+  A.aa = fp(aa); A.bb = fp(bb); A.pp = fp(pp);
+  A.ma = interval > 0 ? fp(ma) : nullptr; A.mb = interval > 0 ? fp(mb) : nullptr; A.mp = interval > 0 ? fp(mp) : nullptr;
+  A.y = y.data_ptr();
+  A.aaT = fp(aaT); A.bbT = fp(bbT); A.ppT = fp(ppT); A.maT = fp(maT); A.mbT = fp(mbT); A.mpT = fp(mpT);
+  A.cs_a = fp(cs[0]); A.cs_b = fp(cs[1]); A.cs_p = fp(cs[2]);
+  A.ms_a = Jm ? fp(ms[0]) : nullptr; A.ms_b = Jm ? fp(ms[1]) : nullptr; A.ms_p = Jm ? fp(ms[2]) : nullptr;
+  A.loc_a = fp(loc[0]); A.loc_b = fp(loc[1]); A.loc_p = fp(loc[2]);
+  cudaError_t err = wkv_forward_launch(A, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "wkv forward launch failed: ", cudaGetErrorString(err));
+  return {y, aaT, bbT, ppT, maT, mbT, mpT, cs, ms};
+}
+
+// Returns g_time_decay, g_time_first, gk, gv, g_medium_decay, gmk, gmv, and the gradients of the
+// incoming state (aa, bb, pp, ma, mb, mp).
+std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k, at::Tensor v,
+                                     at::Tensor md, at::Tensor mk, at::Tensor mv,
+                                     at::Tensor aa, at::Tensor bb, at::Tensor pp,
+                                     at::Tensor ma, at::Tensor mb, at::Tensor mp,
+                                     at::Tensor ppT, at::Tensor mpT, at::Tensor cs, at::Tensor ms,
+                                     at::Tensor gy, at::Tensor gaaT, at::Tensor gbbT,
+                                     at::Tensor gmaT, at::Tensor gmbT,
+                                     int64_t interval, int64_t phase) {
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  const c10::cuda::CUDAGuard guard(k.device());
+  WkvGeo g = wkv_make_geo((int)B, (int)T, (int)C, (int)interval, (int)phase);
+  check_in(k, "k", {B, T, C});
+  check_in(v, "v", {B, T, C});
+  check_in(gy, "grad y", {B, T, C});
+  check_f32(cs, "saved chunk states", {3, B, g.NC, C});
+  for (auto* t : {&gaaT, &gbbT, &ppT}) check_f32(*t, "state grad", {B, C});
+  const int64_t Jm = interval > 0 ? g.J : 0;
+  if (interval > 0) {
+    check_f32(ms, "saved medium states", {3, B, Jm, C});
+    for (auto* t : {&gmaT, &gmbT, &mpT}) check_f32(*t, "medium state grad", {B, C});
+  }
+  auto f32 = k.options().dtype(at::kFloat);
+  at::Tensor gk = at::empty_like(k), gv = at::empty_like(k);
+  at::Tensor gtd = at::empty({C}, f32), gtf = at::empty({C}, f32);
+  at::Tensor gmd = at::empty({interval > 0 ? C : 0}, f32);
+  at::Tensor gmk = at::empty({B, Jm, interval > 0 ? C : 0}, f32), gmv = at::empty_like(gmk);
+  at::Tensor gst = at::empty({6, B, C}, f32);
+  at::Tensor rr = at::empty({3, B, g.NC, C}, f32);
+  at::Tensor ss = at::empty({3, B, interval > 0 ? g.npiece : 0, C}, f32);
+  at::Tensor pwu = at::empty({2, B, g.NC, C}, f32);
+  at::Tensor pwm = at::empty({B, C}, f32);
+  WkvBwdArgs A;
+  A.g = g;
+  const bool med = interval > 0;
+  A.td = fp(td); A.tf = fp(tf); A.md = med ? fp(md) : nullptr;
+  A.k = k.data_ptr(); A.v = v.data_ptr(); A.gy = gy.data_ptr();
+  A.mk = med ? fp(mk) : nullptr; A.mv = med ? fp(mv) : nullptr;
+  A.aa = fp(aa); A.bb = fp(bb); A.pp = fp(pp);
+  A.ma = med ? fp(ma) : nullptr; A.mb = med ? fp(mb) : nullptr; A.mp = med ? fp(mp) : nullptr;
+  A.ppT = fp(ppT); A.mpT = med ? fp(mpT) : nullptr;
+  A.gaaT = fp(gaaT); A.gbbT = fp(gbbT);
+  A.gmaT = med ? fp(gmaT) : nullptr; A.gmbT = med ? fp(gmbT) : nullptr;
+  A.cs_a = fp(cs[0]); A.cs_b = fp(cs[1]); A.cs_p = fp(cs[2]);
+  A.ms_a = med ? fp(ms[0]) : nullptr; A.ms_b = med ? fp(ms[1]) : nullptr; A.ms_p = med ? fp(ms[2]) : nullptr;
+  A.gk = gk.data_ptr(); A.gv = gv.data_ptr();
+  A.gtd = fp(gtd); A.gtf = fp(gtf); A.gmd = med ? fp(gmd) : nullptr;
+  A.gmk = med ? fp(gmk) : nullptr; A.gmv = med ? fp(gmv) : nullptr;
+  A.gaa = fp(gst[0]); A.gbb = fp(gst[1]); A.gpp = fp(gst[2]);
+  A.gma = fp(gst[3]); A.gmb = fp(gst[4]); A.gmp = fp(gst[5]);
+  A.r_a = fp(rr[0]); A.r_b = fp(rr[1]); A.r_p = fp(rr[2]);
+  A.s_a = med ? fp(ss[0]) : nullptr; A.s_b = med ? fp(ss[1]) : nullptr; A.s_p = med ? fp(ss[2]) : nullptr;
+  A.pw = fp(pwu[0]); A.pu = fp(pwu[1]); A.pwm = fp(pwm);
+  cudaError_t err = wkv_backward_launch(A, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "wkv backward launch failed: ", cudaGetErrorString(err));
+  return {gtd, gtf, gk, gv, gmd, gmk, gmv, gst[0], gst[1], gst[2], gst[3], gst[4], gst[5]};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &wkv_forward, "WKV with retrospection, forward");
+  m.def("backward", &wkv_backward, "WKV with retrospection, backward");
+  m.def("dtype", []() { return std::string(wkv_dtype_name()); });
+}

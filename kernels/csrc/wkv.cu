@@ -1,0 +1,442 @@
+// WKV with retrospection: forward and backward CUDA kernels (see kernels/NOTES.md for the design).
+//
+// Per channel c (all scalars per channel), w = exp(time_decay), u = time_first, wm = exp(medium_decay):
+//   A_{t+1} = e^{-w} A_t + e^{k_t} v_t            (token sums, B_t likewise with v -> 1)
+//   M_{r+1} = e^{-wm} M_r + e^{mk_r} mv_r           (medium sums, folded at segment ends)
+//   y_t = (A_t + e^{u+k_t} v_t + MA_{r(t)}) / (B_t + e^{u+k_t} + MB_{r(t)})
+// Every sum is kept in log space as (a, b, p) with a running maximum p.
+//
+// Parallel over (batch, time chunk, channel); one thread per (b, chunk, c), channels contiguous so
+// that each warp reads 32 consecutive elements. Forward: (1) chunk-local sums, (2) a scan over
+// chunks per (b, c) (also the medium recurrence, J = T/s steps), (3) outputs. Backward: (1) chunk-
+// local sums of the output adjoints (recomputing the forward inside the chunk from the saved chunk-
+// start state), (2) a reverse scan over chunks and the medium backward, (3) the gradients of k, v
+// walking each chunk in reverse in sub-chunks of WKV_SUB tokens, (4) a fixed-order reduction of the
+// per-chunk partial gradients of time_decay, time_first, medium_decay. No atomics: deterministic.
+#include "wkv.h"
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#ifndef WKV_DTYPE
+#define WKV_DTYPE 0
+#endif
+#if WKV_DTYPE == 0
+typedef __nv_bfloat16 in_t;
+const char* wkv_dtype_name() { return "bfloat16"; }
+#elif WKV_DTYPE == 1
+typedef __half in_t;
+const char* wkv_dtype_name() { return "float16"; }
+#else
+typedef float in_t;
+const char* wkv_dtype_name() { return "float32"; }
+#endif
+
+#define NTHREADS 128
+#define U 16
+
+__device__ __forceinline__ float ld(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ void st(float* p, float x) { *p = x; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void st(__half* p, float x) { *p = __float2half_rn(x); }
+
+// (a, b, p) += exp(x) * (va, vb)
+__device__ __forceinline__ void lse_add(float& a, float& b, float& p, float va, float vb, float x) {
+  float np = fmaxf(p, x);
+  float e1 = expf(p - np), e2 = expf(x - np);
+  a = e1 * a + e2 * va;
+  b = e1 * b + e2 * vb;
+  p = np;
+}
+
+// ---------------------------------------------------------------- forward
+__global__ void __launch_bounds__(NTHREADS) k_fwd_local(WkvFwdArgs A) {
+  const WkvGeo g = A.g;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  const int n = blockIdx.y, b = blockIdx.z;
+  int t0, t1;
+  wkv_chunk_range(g, n, t0, t1);
+  const float w = expf(A.td[c]);
+  const in_t* __restrict__ k = (const in_t*)A.k + (size_t)b * g.T * g.C + c;
+  const in_t* __restrict__ v = (const in_t*)A.v + (size_t)b * g.T * g.C + c;
+  float a = 0.f, bb = 0.f, p = WKV_NEG;
+  for (int base = t0; base < t1; base += U) {
+    float kb[U], vb[U];
+#pragma unroll
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) { kb[i] = ld(k + (size_t)(base + i) * g.C); vb[i] = ld(v + (size_t)(base + i) * g.C); }
+#pragma unroll
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) { p -= w; lse_add(a, bb, p, vb[i], 1.f, kb[i]); }
+  }
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  A.loc_a[o] = a; A.loc_b[o] = bb; A.loc_p[o] = p;
+}
+
+__global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
+  const WkvGeo g = A.g;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  const int b = blockIdx.y;
+  const size_t bc = (size_t)b * g.C + c;
+  const float w = expf(A.td[c]);
+  float a = A.aa[bc], bb = A.bb[bc], p = A.pp[bc];
+#pragma unroll 4
+  for (int n = 0; n < g.NC; n++) {
+    int t0, t1;
+    wkv_chunk_range(g, n, t0, t1);
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    const float la = A.loc_a[o], lb = A.loc_b[o], lp = A.loc_p[o];
+    A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = p;
+    p -= (float)(t1 - t0) * w;
+    lse_add(a, bb, p, la, lb, lp);
+  }
+  A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = p;
+  if (g.s > 0) {
+    const float wm = expf(A.md[c]);
+    a = A.ma[bc]; bb = A.mb[bc]; p = A.mp[bc];
+#pragma unroll 4
+    for (int r = 0; r < g.J; r++) {
+      const size_t o = ((size_t)b * g.J + r) * g.C + c;
+      const float kk = A.mk[o], vv = A.mv[o];
+      A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = p;
+      if (r < g.complete) { p -= wm; lse_add(a, bb, p, vv, 1.f, kk); }
+    }
+    A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = p;
+  }
+}
+
+__global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
+  const WkvGeo g = A.g;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  const int n = blockIdx.y, b = blockIdx.z;
+  int t0, t1;
+  wkv_chunk_range(g, n, t0, t1);
+  const float w = expf(A.td[c]), u = A.tf[c];
+  const size_t base_bt = (size_t)b * g.T * g.C + c;
+  const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
+  const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
+  in_t* __restrict__ y = (in_t*)A.y + base_bt;
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o];
+  float mA = 0.f, mB = 0.f, mP = WKV_NEG;
+  int r = 0, pos = 0;
+  if (g.s > 0) {
+    r = (g.phase + t0) / g.s;
+    pos = g.phase + t0 - r * g.s;
+    const size_t om = ((size_t)b * g.J + r) * g.C + c;
+    mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
+  }
+  for (int base = t0; base < t1; base += U) {
+    float kb[U], vb[U];
+#pragma unroll
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) { kb[i] = ld(k + (size_t)(base + i) * g.C); vb[i] = ld(v + (size_t)(base + i) * g.C); }
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+      const int t = base + i;
+      if (t < t1) {
+        if (g.s > 0 && pos == g.s) {
+          pos = 0; r++;
+          const size_t om = ((size_t)b * g.J + r) * g.C + c;
+          mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
+        }
+        const float lu = u + kb[i];
+        const float m = fmaxf(fmaxf(p, lu), mP);
+        const float e1 = expf(p - m), e2 = expf(lu - m), em = expf(mP - m);
+        const float num = e1 * a + e2 * vb[i] + em * mA;
+        const float den = e1 * bb + e2 + em * mB;
+        st(y + (size_t)t * g.C, num / den);
+        p -= w;
+        lse_add(a, bb, p, vb[i], 1.f, kb[i]);
+        pos++;
+      }
+    }
+  }
+}
+
+cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
+  const WkvGeo& g = A.g;
+  dim3 blk(NTHREADS);
+  dim3 grid_chunks((g.C + NTHREADS - 1) / NTHREADS, g.NC, g.B);
+  dim3 grid_scan((g.C + NTHREADS - 1) / NTHREADS, g.B);
+  k_fwd_local<<<grid_chunks, blk, 0, stream>>>(A);
+  k_fwd_scan<<<grid_scan, blk, 0, stream>>>(A);
+  k_fwd_out<<<grid_chunks, blk, 0, stream>>>(A);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------- backward
+// Forward quantities of token t given the state before it: m (shared max), den, y.
+struct TokOut { float m, den, y; };
+__device__ __forceinline__ TokOut tok_out(float a, float bb, float p, float k, float v, float u,
+                                          float mA, float mB, float mP) {
+  TokOut o;
+  const float lu = u + k;
+  o.m = fmaxf(fmaxf(p, lu), mP);
+  const float e1 = expf(p - o.m), e2 = expf(lu - o.m), em = expf(mP - o.m);
+  const float num = e1 * a + e2 * v + em * mA;
+  o.den = e1 * bb + e2 + em * mB;
+  o.y = num / o.den;
+  return o;
+}
+
+// Chunk-local sums of the output adjoints: gN_t = gy_t / D_t and gD_t = -gy_t y_t / D_t,
+// (1) decayed to the chunk start: sum_t e^{-(t-t0) w} gN_t, (2) per segment (undecayed).
+__global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
+  const WkvGeo g = A.g;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  const int n = blockIdx.y, b = blockIdx.z;
+  int t0, t1;
+  wkv_chunk_range(g, n, t0, t1);
+  const float w = expf(A.td[c]), u = A.tf[c];
+  const size_t base_bt = (size_t)b * g.T * g.C + c;
+  const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
+  const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
+  const in_t* __restrict__ gy = (const in_t*)A.gy + base_bt;
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o];
+  float mA = 0.f, mB = 0.f, mP = WKV_NEG;
+  int r = 0, pos = 0;
+  if (g.s > 0) {
+    r = (g.phase + t0) / g.s;
+    pos = g.phase + t0 - r * g.s;
+    const size_t om = ((size_t)b * g.J + r) * g.C + c;
+    mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
+  }
+  float ra = 0.f, rb = 0.f, rp = WKV_NEG;   // reverse sum decayed to t0
+  float sa = 0.f, sb = 0.f, sp = WKV_NEG;   // segment sum
+  for (int base = t0; base < t1; base += U) {
+    float kb[U], vb[U], gb[U];
+#pragma unroll
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) {
+        kb[i] = ld(k + (size_t)(base + i) * g.C);
+        vb[i] = ld(v + (size_t)(base + i) * g.C);
+        gb[i] = ld(gy + (size_t)(base + i) * g.C);
+      }
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+      const int t = base + i;
+      if (t < t1) {
+        if (g.s > 0 && pos == g.s) {
+          pos = 0; r++;
+          const size_t om = ((size_t)b * g.J + r) * g.C + c;
+          mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
+        }
+        const TokOut q = tok_out(a, bb, p, kb[i], vb[i], u, mA, mB, mP);
+        const float gn = gb[i] / q.den;
+        lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
+        if (g.s > 0) {
+          lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
+          if (g.s <= WKV_CH && (pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+            const size_t os = ((size_t)b * g.npiece + r) * g.C + c;
+            A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+            sa = 0.f; sb = 0.f; sp = WKV_NEG;
+          }
+        }
+        p -= w;
+        lse_add(a, bb, p, vb[i], 1.f, kb[i]);
+        pos++;
+      }
+    }
+  }
+  A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = rp;
+  if (g.s > WKV_CH) {
+    const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
+    A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+  }
+}
+
+// Reverse scan over chunks (writes the adjoint of the token state at each chunk end into r_*),
+// gradients of the incoming token state, and the whole medium backward.
+__global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
+  const WkvGeo g = A.g;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  const int b = blockIdx.y;
+  const size_t bc = (size_t)b * g.C + c;
+  const float w = expf(A.td[c]);
+  float Ra = A.gaaT[bc], Rb = A.gbbT[bc], Rp = -A.ppT[bc];
+#pragma unroll 4
+  for (int n = g.NC - 1; n >= 0; n--) {
+    int t0, t1;
+    wkv_chunk_range(g, n, t0, t1);
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    const float la = A.r_a[o], lb = A.r_b[o], lp = A.r_p[o];
+    A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = Rp;
+    Rp -= (float)(t1 - t0) * w;
+    lse_add(Ra, Rb, Rp, la, lb, lp);
+  }
+  {
+    const float aa0 = A.aa[bc], bb0 = A.bb[bc];
+    const float e = expf(Rp + A.pp[bc]);
+    const float ga = Ra * e, gb = Rb * e;
+    A.gaa[bc] = ga; A.gbb[bc] = gb; A.gpp[bc] = ga * aa0 + gb * bb0;
+  }
+  if (g.s > 0) {
+    const float wm = expf(A.md[c]);
+    float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG;   // adjoint of the medium state before segment r + 1
+    if (g.complete == g.J) { Ma = A.gmaT[bc]; Mb = A.gmbT[bc]; Mp = -A.mpT[bc]; }
+    float acc = 0.f;
+    for (int r = g.J - 1; r >= 0; r--) {
+      const size_t o = ((size_t)b * g.J + r) * g.C + c;
+      const float kk = A.mk[o], vv = A.mv[o];
+      const float e = expf(kk + Mp);
+      A.gmv[o] = Ma * e;
+      A.gmk[o] = (vv * Ma + Mb) * e;
+      acc += (A.ms_a[o] * Ma + A.ms_b[o] * Mb) * expf(A.ms_p[o] + Mp - wm);
+      Mp -= wm;
+      if (g.s <= WKV_CH) {
+        const size_t os = ((size_t)b * g.npiece + r) * g.C + c;
+        lse_add(Ma, Mb, Mp, A.s_a[os], A.s_b[os], A.s_p[os]);
+      } else {
+        const int n0 = wkv_max(r * g.nsub - g.c_first, 0);
+        const int n1 = wkv_min((r + 1) * g.nsub - g.c_first, g.NC);
+        for (int n = n0; n < n1; n++) {
+          const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
+          lse_add(Ma, Mb, Mp, A.s_a[os], A.s_b[os], A.s_p[os]);
+        }
+      }
+      if (r == g.complete) lse_add(Ma, Mb, Mp, A.gmaT[bc], A.gmbT[bc], -A.mpT[bc]);
+    }
+    const float ma0 = A.ma[bc], mb0 = A.mb[bc];
+    const float e = expf(Mp + A.mp[bc]);
+    const float ga = Ma * e, gb = Mb * e;
+    A.gma[bc] = ga; A.gmb[bc] = gb; A.gmp[bc] = ga * ma0 + gb * mb0;
+    A.pwm[bc] = acc;
+  }
+}
+
+// Gradients of k and v: walk each chunk backwards in sub-chunks of WKV_SUB tokens, whose forward
+// states are recomputed from the sub-chunk start states found by a first forward walk.
+__global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
+  constexpr int NS = WKV_CH / WKV_SUB;
+  const WkvGeo g = A.g;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  const int n = blockIdx.y, b = blockIdx.z;
+  int t0, t1;
+  wkv_chunk_range(g, n, t0, t1);
+  const float w = expf(A.td[c]), u = A.tf[c];
+  const size_t base_bt = (size_t)b * g.T * g.C + c;
+  const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
+  const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
+  const in_t* __restrict__ gy = (const in_t*)A.gy + base_bt;
+  in_t* __restrict__ gk = (in_t*)A.gk + base_bt;
+  in_t* __restrict__ gv = (in_t*)A.gv + base_bt;
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o];
+  float sa[NS], sb[NS], sp[NS];
+#pragma unroll
+  for (int j = 0; j < NS; j++) {
+    sa[j] = a; sb[j] = bb; sp[j] = p;
+    const int tb = t0 + j * WKV_SUB;
+    if (tb < t1) {
+      float kb[WKV_SUB], vb[WKV_SUB];
+#pragma unroll
+      for (int i = 0; i < WKV_SUB; i++)
+        if (tb + i < t1) { kb[i] = ld(k + (size_t)(tb + i) * g.C); vb[i] = ld(v + (size_t)(tb + i) * g.C); }
+#pragma unroll
+      for (int i = 0; i < WKV_SUB; i++)
+        if (tb + i < t1) { p -= w; lse_add(a, bb, p, vb[i], 1.f, kb[i]); }
+    }
+  }
+  float ga = A.r_a[o], gb = A.r_b[o], gq = A.r_p[o];   // adjoint of the state after the chunk
+  float gw = 0.f, gu = 0.f;
+#pragma unroll
+  for (int j = NS - 1; j >= 0; j--) {
+    const int tb = t0 + j * WKV_SUB;
+    if (tb >= t1) continue;
+    float kb[WKV_SUB], vb[WKV_SUB], gyb[WKV_SUB];
+#pragma unroll
+    for (int i = 0; i < WKV_SUB; i++)
+      if (tb + i < t1) {
+        kb[i] = ld(k + (size_t)(tb + i) * g.C);
+        vb[i] = ld(v + (size_t)(tb + i) * g.C);
+        gyb[i] = ld(gy + (size_t)(tb + i) * g.C);
+      }
+    float mA = 0.f, mB = 0.f, mP = WKV_NEG;
+    int r = 0, pos = 0;
+    if (g.s > 0) {
+      r = (g.phase + tb) / g.s;
+      pos = g.phase + tb - r * g.s;
+      const size_t om = ((size_t)b * g.J + r) * g.C + c;
+      mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
+    }
+    float ta[WKV_SUB], tbb[WKV_SUB], tp[WKV_SUB], tm[WKV_SUB], tgn[WKV_SUB], ty[WKV_SUB];
+    a = sa[j]; bb = sb[j]; p = sp[j];
+#pragma unroll
+    for (int i = 0; i < WKV_SUB; i++) {
+      if (tb + i < t1) {
+        if (g.s > 0 && pos == g.s) {
+          pos = 0; r++;
+          const size_t om = ((size_t)b * g.J + r) * g.C + c;
+          mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
+        }
+        const TokOut q = tok_out(a, bb, p, kb[i], vb[i], u, mA, mB, mP);
+        ta[i] = a; tbb[i] = bb; tp[i] = p;
+        tm[i] = q.m; tgn[i] = gyb[i] / q.den; ty[i] = q.y;
+        p -= w;
+        lse_add(a, bb, p, vb[i], 1.f, kb[i]);
+        pos++;
+      }
+    }
+#pragma unroll
+    for (int i = WKV_SUB - 1; i >= 0; i--) {
+      const int t = tb + i;
+      if (t < t1) {
+        // (ga, gb, gq): adjoint of the token state after t (A_{t+1}, B_{t+1}).
+        const float x = expf(u + kb[i] - tm[i]) * tgn[i];
+        const float ek = expf(kb[i] + gq);
+        const float dy = vb[i] - ty[i];
+        st(gv + (size_t)t * g.C, x + ek * ga);
+        st(gk + (size_t)t * g.C, x * dy + ek * (ga * vb[i] + gb));
+        gu += x * dy;
+        gw += (ta[i] * ga + tbb[i] * gb) * expf(tp[i] + gq - w);
+        gq -= w;
+        lse_add(ga, gb, gq, tgn[i], -tgn[i] * ty[i], -tm[i]);
+      }
+    }
+  }
+  A.pw[o] = gw;
+  A.pu[o] = gu;
+}
+
+__global__ void __launch_bounds__(NTHREADS) k_bwd_reduce(WkvBwdArgs A) {
+  const WkvGeo g = A.g;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  float sw = 0.f, su = 0.f;
+  const int rows = g.B * g.NC;
+  for (int i = 0; i < rows; i++) {
+    sw += A.pw[(size_t)i * g.C + c];
+    su += A.pu[(size_t)i * g.C + c];
+  }
+  const float w = expf(A.td[c]);
+  A.gtd[c] = -w * sw;
+  A.gtf[c] = su;
+  if (g.s > 0) {
+    float sm = 0.f;
+    for (int i = 0; i < g.B; i++) sm += A.pwm[(size_t)i * g.C + c];
+    A.gmd[c] = -expf(A.md[c]) * sm;
+  }
+}
+
+cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
+  const WkvGeo& g = A.g;
+  dim3 blk(NTHREADS);
+  const int cb = (g.C + NTHREADS - 1) / NTHREADS;
+  dim3 grid_chunks(cb, g.NC, g.B);
+  dim3 grid_scan(cb, g.B);
+  k_bwd_local<<<grid_chunks, blk, 0, stream>>>(A);
+  k_bwd_scan<<<grid_scan, blk, 0, stream>>>(A);
+  k_bwd_out<<<grid_chunks, blk, 0, stream>>>(A);
+  k_bwd_reduce<<<dim3(cb), blk, 0, stream>>>(A);
+  return cudaGetLastError();
+}

@@ -1,0 +1,114 @@
+// WKV with retrospection (RRWKV, docs in shared/design/rrwkv.md): shared declarations of the CUDA
+// kernels (wkv.cu, compiled by nvcc without torch headers) and the torch binding (wkv.cpp).
+#pragma once
+#include <cuda_runtime.h>
+
+#define WKV_CH 64     // longest time chunk handled by one thread
+#define WKV_SUB 8     // backward: tokens kept in registers while walking a chunk in reverse
+#define WKV_NEG (-1e38f)
+
+// Time chunking. Positions are counted in "absolute" coordinates q = phase + t, so that segment j
+// covers q in [j*s, (j+1)*s). Chunks never straddle a segment boundary when s > WKV_CH, and hold
+// whole segments when 0 < s <= WKV_CH (chunk length L = s * floor(WKV_CH / s)).
+struct WkvGeo {
+  int B, T, C;
+  int s;        // medium interval (0: no mediums)
+  int phase;    // position within its segment at which the chunk starts (0 <= phase < s)
+  int L;        // chunk length (s == 0 or s <= CH), or sub-segment piece length (s > CH)
+  int nsub;     // pieces per segment when s > CH (else 1)
+  int c_first;  // absolute index of the first chunk
+  int NC;       // number of chunks overlapping [phase, phase + T)
+  int J;        // number of mediums (segments touched): ceil((phase + T) / s)
+  int complete; // segments complete at the end: (phase + T) / s
+  int npiece;   // segment-sum pieces written by the backward: J (s <= CH) or NC (s > CH)
+};
+
+#if defined(__CUDACC__)
+#define WKV_HD __host__ __device__ __forceinline__
+#else
+#define WKV_HD inline
+#endif
+
+WKV_HD int wkv_min(int a, int b) { return a < b ? a : b; }
+WKV_HD int wkv_max(int a, int b) { return a > b ? a : b; }
+
+// Token range [t0, t1) of relative chunk n.
+WKV_HD void wkv_chunk_range(const WkvGeo& g, int n, int& t0, int& t1) {
+  int c = g.c_first + n, q0, q1;
+  if (g.s == 0 || g.s <= WKV_CH) {
+    q0 = c * g.L;
+    q1 = q0 + g.L;
+  } else {
+    int j = c / g.nsub, i = c - j * g.nsub;
+    q0 = j * g.s + i * g.L;
+    q1 = wkv_min(q0 + g.L, (j + 1) * g.s);
+  }
+  t0 = wkv_max(q0 - g.phase, 0);
+  t1 = wkv_min(q1 - g.phase, g.T);
+}
+
+WKV_HD WkvGeo wkv_make_geo(int B, int T, int C, int s, int phase) {
+  WkvGeo g;
+  g.B = B; g.T = T; g.C = C; g.s = s; g.phase = s > 0 ? phase : 0;
+  if (s == 0) {
+    g.L = WKV_CH; g.nsub = 1; g.c_first = 0; g.NC = (T + WKV_CH - 1) / WKV_CH;
+    g.J = 0; g.complete = 0; g.npiece = 0;
+    return g;
+  }
+  int q_last = g.phase + T - 1;
+  g.J = (g.phase + T + s - 1) / s;
+  g.complete = (g.phase + T) / s;
+  if (s <= WKV_CH) {
+    g.L = s * (WKV_CH / s); g.nsub = 1; g.c_first = 0;
+    g.NC = q_last / g.L + 1;
+    g.npiece = g.J;
+  } else {
+    g.nsub = (s + WKV_CH - 1) / WKV_CH;
+    g.L = (s + g.nsub - 1) / g.nsub;
+    g.c_first = g.phase / g.L;
+    int j = q_last / s, i = (q_last - j * s) / g.L;
+    g.NC = j * g.nsub + i - g.c_first + 1;
+    g.npiece = g.NC;
+  }
+  return g;
+}
+
+// A sum S = sum_i exp(x_i) * (value) kept as (a, b, p): S_v = a * exp(p), S_1 = b * exp(p).
+struct WkvFwdArgs {
+  WkvGeo g;
+  const float *td, *tf, *md;          // (C,) raw parameters
+  const void *k, *v;                  // (B, T, C) input dtype
+  const float *mk, *mv;               // (B, J, C)
+  const float *aa, *bb, *pp;          // (B, C) incoming token state
+  const float *ma, *mb, *mp;          // (B, C) incoming medium state
+  void* y;                            // (B, T, C) input dtype
+  float *aaT, *bbT, *ppT, *maT, *mbT, *mpT;  // (B, C) outgoing state
+  float *cs_a, *cs_b, *cs_p;          // (B, NC, C) token state at each chunk start (saved)
+  float *ms_a, *ms_b, *ms_p;          // (B, J, C) medium state before each segment (saved)
+  float *loc_a, *loc_b, *loc_p;       // (B, NC, C) scratch: chunk-local sums
+};
+
+struct WkvBwdArgs {
+  WkvGeo g;
+  const float *td, *tf, *md;
+  const void *k, *v, *gy;
+  const float *mk, *mv;
+  const float *aa, *bb, *pp, *ma, *mb, *mp;        // incoming state (B, C)
+  const float *ppT, *mpT;                          // outgoing running maxima (B, C)
+  const float *gaaT, *gbbT, *gmaT, *gmbT;          // gradients of the outgoing state (B, C)
+  const float *cs_a, *cs_b, *cs_p, *ms_a, *ms_b, *ms_p;  // saved by the forward
+  void *gk, *gv;                                   // (B, T, C) input dtype
+  float *gtd, *gtf, *gmd;                          // (C,)
+  float *gmk, *gmv;                                // (B, J, C)
+  float *gaa, *gbb, *gpp, *gma, *gmb, *gmp;        // (B, C)
+  // scratch
+  float *r_a, *r_b, *r_p;        // (B, NC, C): chunk-local reverse sums, then the adjoint at each chunk end
+  float *s_a, *s_b, *s_p;        // (B, npiece, C): per-segment sums of the output adjoints
+  float *pw, *pu;                // (B, NC, C): partial gradients of time_decay, time_first
+  float *pwm;                    // (B, C): partial gradient of medium_decay
+};
+
+// Returns the first CUDA error of the launches (cudaSuccess when all went well).
+cudaError_t wkv_forward_launch(const WkvFwdArgs& a, cudaStream_t stream);
+cudaError_t wkv_backward_launch(const WkvBwdArgs& a, cudaStream_t stream);
+const char* wkv_dtype_name();
