@@ -164,6 +164,35 @@ def bench(shapes, dtype, interval, rep):
         print("| " + " | ".join([n] + cells) + " |")
 
 
+def profile(shapes, dtype, interval, steps=5):
+    """Per-kernel device time of one forward + backward (torch.profiler), to see where time goes."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    from kernels import wkv_retro
+    for (B, T, C) in shapes:
+        sets = wkv_inputs(B, T, C, interval, dtype, 2)
+        step = wkv_step(interval, wkv_retro)
+        for i in range(3):
+            step(sets[i % 2])
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for i in range(steps):
+                step(sets[i % 2])
+            torch.cuda.synchronize()
+        rows = []
+        for ev in p.key_averages():
+            t = getattr(ev, "self_device_time_total", None)
+            if t is None:
+                t = getattr(ev, "self_cuda_time_total", 0)
+            if t > 0:
+                rows.append((t / steps, ev.count // steps, ev.key))
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        print(f"profile ({B},{T},{C}) s={interval}: device busy {total / 1e3:.3f} ms per fwd+bwd")
+        for t, n, key in rows[:10]:
+            print(f"   {t / 1e3:8.4f} ms  x{n}  {key[:90]}")
+        del sets
+
+
 def compile_times(dtype_name, cache_dir=None):
     """Cold compile (empty cache) and warm load (cache filled), each in a fresh process."""
     code = ("import time, torch; t=time.time(); from kernels import build; "
@@ -197,12 +226,16 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8x1024x2048,4x4096x2048,1x16384x2048")
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--compile-times", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel device times instead of the table")
     ap.add_argument("--cache-dir", default=None, help="with --compile-times: cache to fill (empty or new)")
     a = ap.parse_args(argv)
     if a.compile_times:
         compile_times(a.dtype, a.cache_dir)
         return
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+    if a.profile:
+        profile(shapes, DTYPES[a.dtype], a.interval)
+        return
     bench(shapes, DTYPES[a.dtype], a.interval, a.rep)
 
 

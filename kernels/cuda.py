@@ -22,36 +22,44 @@ def set_cache_dir(path: Optional[str]) -> None:
     build.set_cache_dir(path)
 
 
-def _ext(dtype: torch.dtype):
-    return build.load_wkv_extension(dtype)
+_ext_by_key = {}
+
+
+def _ext(dtype: torch.dtype, device: torch.device):
+    key = (dtype, device.index, build.cache_root())
+    ext = _ext_by_key.get(key)
+    if ext is None:
+        with torch.cuda.device(device):
+            ext = _ext_by_key[key] = build.load_wkv_extension(dtype)
+    return ext
 
 
 class _WKVRetro(torch.autograd.Function):
+    """Inputs: interval, phase, then float32 (C,) parameters, k/v in their dtype, float32 mediums and
+    state tensors; an empty (numel 0) state tensor means a fresh state."""
+
     @staticmethod
     def forward(ctx, interval, phase, td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp):
-        ext = _ext(k.dtype)
+        ext = _ext(k.dtype, k.device)
         y, aaT, bbT, ppT, maT, mbT, mpT, cs, ms = ext.forward(td, tf, k, v, md, mk, mv, aa, bb, pp,
                                                               ma, mb, mp, interval, phase)
         ctx.interval, ctx.phase = interval, phase
         ctx.save_for_backward(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms)
         ctx.mark_non_differentiable(ppT, mpT)
+        ctx.set_materialize_grads(False)
         return y, aaT, bbT, ppT, maT, mbT, mpT
 
     @staticmethod
     def backward(ctx, gy, gaaT, gbbT, _gppT, gmaT, gmbT, _gmpT):
         td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms = ctx.saved_tensors
-        B, T, C = k.shape
-        z = lambda g, like: torch.zeros_like(like) if g is None else g.float().contiguous()  # noqa: E731
+        none = k.new_empty(0, dtype=torch.float32)
+        opt = lambda g: none if g is None else g.float().contiguous()  # noqa: E731
         gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
-        gaaT, gbbT = z(gaaT, ppT), z(gbbT, ppT)
-        gmaT, gmbT = z(gmaT, mpT), z(gmbT, mpT)
-        ext = _ext(k.dtype)
-        (gtd, gtf, gk, gv, gmd, gmk, gmv, gaa, gbb, gpp, gma, gmb, gmp) = ext.backward(
-            td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms,
-            gy, gaaT, gbbT, gmaT, gmbT, ctx.interval, ctx.phase)
-        if ctx.interval == 0:
-            gmd = gmk = gmv = gma = gmb = gmp = None
-        return (None, None, gtd, gtf, gk, gv, gmd, gmk, gmv, gaa, gbb, gpp, gma, gmb, gmp)
+        ext = _ext(k.dtype, k.device)
+        grads = ext.backward(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms,
+                             gy, opt(gaaT), opt(gbbT), opt(gmaT), opt(gmbT), ctx.interval, ctx.phase)
+        need = ctx.needs_input_grad[2:]
+        return (None, None) + tuple(g if n else None for g, n in zip(grads, need))
 
 
 def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -63,20 +71,21 @@ def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.
         return wkv_retro_reference(time_decay, time_first, k, v, medium_decay, mk, mv, interval, state)
     dev = k.device
     f32 = lambda t: t.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
-    if state is None:
-        state = WKVState.fresh(B, C, interval, torch.float32, dev)
-    phase = int(state.phase) if interval > 0 else 0
+    empty = k.new_empty(0, dtype=torch.float32)
+    phase = int(state.phase) if (state is not None and interval > 0) else 0
     kk = k.contiguous()
     vv = v.to(k.dtype).contiguous()
-    empty = k.new_zeros(0, dtype=torch.float32)
-    if interval > 0:
-        med = (f32(medium_decay), f32(mk), f32(mv), f32(state.ma), f32(state.mb), f32(state.mp))
+    if state is None:
+        st = (empty,) * 6
     else:
-        med = (empty, empty, empty, empty, empty, empty)
-    md_, mk_, mv_, ma_, mb_, mp_ = med
+        st = (f32(state.aa), f32(state.bb), f32(state.pp)) + (
+            (f32(state.ma), f32(state.mb), f32(state.mp)) if interval > 0 else (empty,) * 3)
+    if interval > 0:
+        md_, mk_, mv_ = f32(medium_decay), f32(mk), f32(mv)
+    else:
+        md_ = mk_ = mv_ = empty
     y, aaT, bbT, ppT, maT, mbT, mpT = _WKVRetro.apply(
-        int(interval), phase, f32(time_decay), f32(time_first), kk, vv, md_, mk_, mv_,
-        f32(state.aa), f32(state.bb), f32(state.pp), ma_, mb_, mp_)
+        int(interval), phase, f32(time_decay), f32(time_first), kk, vv, md_, mk_, mv_, *st)
     if interval > 0:
         new = WKVState(aaT, bbT, ppT, maT, mbT, mpT, (phase + T) % interval)
     else:

@@ -138,19 +138,24 @@ def test_matches_float64_reference(B, T, C, s, phase, dtype):
     tol_y, tol_g = TOL[dtype]
     assert torch.isfinite(y).all()
     assert rel(y, y_r) <= tol_y, f"y: {rel(y, y_r):.3g}"
-    # Final state: compare the represented sums (a * exp(p)) on the reference's scale.
-    assert so.phase == so_r.phase
-    pairs = [(so.aa, so.bb, so.pp, so_r.aa, so_r.bb, so_r.pp)]
-    if s:
-        pairs.append((so.ma, so.mb, so.mp, so_r.ma, so_r.mb, so_r.mp))
-    for a, b_, pp, ar, br, ppr in pairs:
-        scale = torch.exp(pp.double() - ppr).nan_to_num(1.0)
-        assert rel(a.double() * scale, ar) <= 1e-5 and rel(b_.double() * scale, br) <= 1e-5
     for name, gref in gr.items():
         gcu = gc[name]
         assert torch.isfinite(gcu).all(), name
         err = rel(gcu, gref)
         assert err <= tol_g, f"grad {name}: {err:.3g} (ref norm {gref.norm().item():.3g})"
+    # Final state: the represented sums (a * exp(p)) on the reference's scale. The state carries the
+    # float32 rounding of its running maximum (about |k| * 6e-8 per step, growing like sqrt(T)); it
+    # is common to a and b and cancels in y, hence the looser bound than y's.
+    assert so.phase == so_r.phase
+    pairs = [(so.aa, so.bb, so.pp, so_r.aa, so_r.bb, so_r.pp)]
+    if s:
+        pairs.append((so.ma, so.mb, so.mp, so_r.ma, so_r.mb, so_r.mp))
+    for a, b_, pp, ar, br, ppr in pairs:
+        live = ppr > -1e30                    # both represent an empty sum where p is -1e38
+        scale = torch.exp(torch.where(live, pp.double() - ppr, 0.0))
+        assert torch.isfinite(a).all() and torch.isfinite(b_).all()
+        assert rel(a.double() * scale * live, ar * live) <= 1e-4
+        assert rel(b_.double() * scale * live, br * live) <= 1e-4
 
 
 @pytest.mark.parametrize("s,dtype", [(0, torch.float32), (64, torch.float32), (8, torch.float32),
@@ -177,7 +182,7 @@ def test_chunked_with_carried_state_equals_one_pass(s, dtype):
     tol_y, tol_g = TOL[dtype]
     assert rel(y_chunks, y_full) <= tol_y
     for a, b in zip(st.tensors(), st_full.tensors()):
-        assert rel(a, b) <= 1e-5
+        assert rel(a, b) <= 1e-4                # see test_matches_float64_reference
     w = torch.randn_like(y_full)
     names = list(lv)
     g_full = torch.autograd.grad((y_full * w).sum(), list(lv.values()))

@@ -6,6 +6,9 @@
 
 namespace {
 
+// Empty (numel 0) state tensors mean a fresh state, empty state gradients mean zero.
+void check_opt(const at::Tensor& t, const char* name, at::IntArrayRef shape);
+
 void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.is_cuda(), "wkv: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "wkv: ", name, " must be float32, got ", t.scalar_type());
@@ -26,6 +29,10 @@ void check_in(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
               " for this build, got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous");
   TORCH_CHECK(t.sizes() == shape, "wkv: ", name, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+void check_opt(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  if (t.numel() != 0) check_f32(t, name, shape);
 }
 
 float* fp(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
@@ -51,12 +58,12 @@ std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, 
   check_f32(tf, "time_first", {C});
   check_in(k, "k", {B, T, C});
   check_in(v, "v", {B, T, C});
-  for (auto* t : {&aa, &bb, &pp}) check_f32(*t, "state", {B, C});
+  for (auto* t : {&aa, &bb, &pp}) check_opt(*t, "state", {B, C});
   if (interval > 0) {
     check_f32(md, "medium_decay", {C});
     check_f32(mk, "mk", {B, g.J, C});
     check_f32(mv, "mv", {B, g.J, C});
-    for (auto* t : {&ma, &mb, &mp}) check_f32(*t, "medium state", {B, C});
+    for (auto* t : {&ma, &mb, &mp}) check_opt(*t, "medium state", {B, C});
   }
   auto f32 = k.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(k);
@@ -100,11 +107,13 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   check_in(v, "v", {B, T, C});
   check_in(gy, "grad y", {B, T, C});
   check_f32(cs, "saved chunk states", {3, B, g.NC, C});
-  for (auto* t : {&gaaT, &gbbT, &ppT}) check_f32(*t, "state grad", {B, C});
+  check_f32(ppT, "saved pp", {B, C});
+  for (auto* t : {&aa, &bb, &pp, &gaaT, &gbbT}) check_opt(*t, "state or its gradient", {B, C});
   const int64_t Jm = interval > 0 ? g.J : 0;
   if (interval > 0) {
     check_f32(ms, "saved medium states", {3, B, Jm, C});
-    for (auto* t : {&gmaT, &gmbT, &mpT}) check_f32(*t, "medium state grad", {B, C});
+    check_f32(mpT, "saved mp", {B, C});
+    for (auto* t : {&ma, &mb, &mp, &gmaT, &gmbT}) check_opt(*t, "medium state or its gradient", {B, C});
   }
   auto f32 = k.options().dtype(at::kFloat);
   at::Tensor gk = at::empty_like(k), gv = at::empty_like(k);

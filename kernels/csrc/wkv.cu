@@ -43,13 +43,27 @@ __device__ __forceinline__ void st(__nv_bfloat16* p, float x) { *p = __float2bfl
 __device__ __forceinline__ void st(__half* p, float x) { *p = __float2half_rn(x); }
 
 // (a, b, p) += exp(x) * (va, vb)
+// Exponential: the accurate expf for float32 inputs, the MUFU approximation (about 2 ulp, plus the
+// rounding of x * log2(e)) for 16-bit inputs whose outputs are rounded to 8 or 11 bits anyway.
+#if WKV_DTYPE == 2
+__device__ __forceinline__ float ex(float x) { return expf(x); }
+#else
+__device__ __forceinline__ float ex(float x) { return __expf(x); }
+#endif
+
+// (a, b, p) += exp(x) * (va, vb). One exponential: the larger exponent becomes the new maximum.
 __device__ __forceinline__ void lse_add(float& a, float& b, float& p, float va, float vb, float x) {
-  float np = fmaxf(p, x);
-  float e1 = expf(p - np), e2 = expf(x - np);
-  a = e1 * a + e2 * va;
-  b = e1 * b + e2 * vb;
-  p = np;
+  const float e = ex(-fabsf(p - x));
+  if (x > p) {
+    a = e * a + va;
+    b = e * b + vb;
+    p = x;
+  } else {
+    a = a + e * va;
+    b = b + e * vb;
+  }
 }
+__device__ __forceinline__ float ld_or(const float* p, size_t i, float dflt) { return p ? p[i] : dflt; }
 
 // ---------------------------------------------------------------- forward
 __global__ void __launch_bounds__(NTHREADS) k_fwd_local(WkvFwdArgs A) {
@@ -59,7 +73,7 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_local(WkvFwdArgs A) {
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
-  const float w = expf(A.td[c]);
+  const float w = ex(A.td[c]);
   const in_t* __restrict__ k = (const in_t*)A.k + (size_t)b * g.T * g.C + c;
   const in_t* __restrict__ v = (const in_t*)A.v + (size_t)b * g.T * g.C + c;
   float a = 0.f, bb = 0.f, p = WKV_NEG;
@@ -82,8 +96,8 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
   if (c >= g.C) return;
   const int b = blockIdx.y;
   const size_t bc = (size_t)b * g.C + c;
-  const float w = expf(A.td[c]);
-  float a = A.aa[bc], bb = A.bb[bc], p = A.pp[bc];
+  const float w = ex(A.td[c]);
+  float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG);
 #pragma unroll 4
   for (int n = 0; n < g.NC; n++) {
     int t0, t1;
@@ -96,8 +110,8 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
   }
   A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = p;
   if (g.s > 0) {
-    const float wm = expf(A.md[c]);
-    a = A.ma[bc]; bb = A.mb[bc]; p = A.mp[bc];
+    const float wm = ex(A.md[c]);
+    a = ld_or(A.ma, bc, 0.f); bb = ld_or(A.mb, bc, 0.f); p = ld_or(A.mp, bc, WKV_NEG);
 #pragma unroll 4
     for (int r = 0; r < g.J; r++) {
       const size_t o = ((size_t)b * g.J + r) * g.C + c;
@@ -116,7 +130,7 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
-  const float w = expf(A.td[c]), u = A.tf[c];
+  const float w = ex(A.td[c]), u = A.tf[c];
   const size_t base_bt = (size_t)b * g.T * g.C + c;
   const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
   const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
@@ -147,7 +161,7 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
         }
         const float lu = u + kb[i];
         const float m = fmaxf(fmaxf(p, lu), mP);
-        const float e1 = expf(p - m), e2 = expf(lu - m), em = expf(mP - m);
+        const float e1 = ex(p - m), e2 = ex(lu - m), em = ex(mP - m);
         const float num = e1 * a + e2 * vb[i] + em * mA;
         const float den = e1 * bb + e2 + em * mB;
         st(y + (size_t)t * g.C, num / den);
@@ -178,7 +192,7 @@ __device__ __forceinline__ TokOut tok_out(float a, float bb, float p, float k, f
   TokOut o;
   const float lu = u + k;
   o.m = fmaxf(fmaxf(p, lu), mP);
-  const float e1 = expf(p - o.m), e2 = expf(lu - o.m), em = expf(mP - o.m);
+  const float e1 = ex(p - o.m), e2 = ex(lu - o.m), em = ex(mP - o.m);
   const float num = e1 * a + e2 * v + em * mA;
   o.den = e1 * bb + e2 + em * mB;
   o.y = num / o.den;
@@ -194,7 +208,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
-  const float w = expf(A.td[c]), u = A.tf[c];
+  const float w = ex(A.td[c]), u = A.tf[c];
   const size_t base_bt = (size_t)b * g.T * g.C + c;
   const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
   const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
@@ -261,8 +275,8 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
   if (c >= g.C) return;
   const int b = blockIdx.y;
   const size_t bc = (size_t)b * g.C + c;
-  const float w = expf(A.td[c]);
-  float Ra = A.gaaT[bc], Rb = A.gbbT[bc], Rp = -A.ppT[bc];
+  const float w = ex(A.td[c]);
+  float Ra = ld_or(A.gaaT, bc, 0.f), Rb = ld_or(A.gbbT, bc, 0.f), Rp = -A.ppT[bc];
 #pragma unroll 4
   for (int n = g.NC - 1; n >= 0; n--) {
     int t0, t1;
@@ -274,23 +288,23 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
     lse_add(Ra, Rb, Rp, la, lb, lp);
   }
   {
-    const float aa0 = A.aa[bc], bb0 = A.bb[bc];
-    const float e = expf(Rp + A.pp[bc]);
+    const float aa0 = ld_or(A.aa, bc, 0.f), bb0 = ld_or(A.bb, bc, 0.f);
+    const float e = ex(Rp + ld_or(A.pp, bc, WKV_NEG));
     const float ga = Ra * e, gb = Rb * e;
     A.gaa[bc] = ga; A.gbb[bc] = gb; A.gpp[bc] = ga * aa0 + gb * bb0;
   }
   if (g.s > 0) {
-    const float wm = expf(A.md[c]);
+    const float wm = ex(A.md[c]);
     float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG;   // adjoint of the medium state before segment r + 1
-    if (g.complete == g.J) { Ma = A.gmaT[bc]; Mb = A.gmbT[bc]; Mp = -A.mpT[bc]; }
+    if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
     float acc = 0.f;
     for (int r = g.J - 1; r >= 0; r--) {
       const size_t o = ((size_t)b * g.J + r) * g.C + c;
       const float kk = A.mk[o], vv = A.mv[o];
-      const float e = expf(kk + Mp);
+      const float e = ex(kk + Mp);
       A.gmv[o] = Ma * e;
       A.gmk[o] = (vv * Ma + Mb) * e;
-      acc += (A.ms_a[o] * Ma + A.ms_b[o] * Mb) * expf(A.ms_p[o] + Mp - wm);
+      acc += (A.ms_a[o] * Ma + A.ms_b[o] * Mb) * ex(A.ms_p[o] + Mp - wm);
       Mp -= wm;
       if (g.s <= WKV_CH) {
         const size_t os = ((size_t)b * g.npiece + r) * g.C + c;
@@ -303,10 +317,10 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
           lse_add(Ma, Mb, Mp, A.s_a[os], A.s_b[os], A.s_p[os]);
         }
       }
-      if (r == g.complete) lse_add(Ma, Mb, Mp, A.gmaT[bc], A.gmbT[bc], -A.mpT[bc]);
+      if (r == g.complete) lse_add(Ma, Mb, Mp, ld_or(A.gmaT, bc, 0.f), ld_or(A.gmbT, bc, 0.f), -A.mpT[bc]);
     }
-    const float ma0 = A.ma[bc], mb0 = A.mb[bc];
-    const float e = expf(Mp + A.mp[bc]);
+    const float ma0 = ld_or(A.ma, bc, 0.f), mb0 = ld_or(A.mb, bc, 0.f);
+    const float e = ex(Mp + ld_or(A.mp, bc, WKV_NEG));
     const float ga = Ma * e, gb = Mb * e;
     A.gma[bc] = ga; A.gmb[bc] = gb; A.gmp[bc] = ga * ma0 + gb * mb0;
     A.pwm[bc] = acc;
@@ -323,7 +337,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
-  const float w = expf(A.td[c]), u = A.tf[c];
+  const float w = ex(A.td[c]), u = A.tf[c];
   const size_t base_bt = (size_t)b * g.T * g.C + c;
   const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
   const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
@@ -392,13 +406,13 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
       const int t = tb + i;
       if (t < t1) {
         // (ga, gb, gq): adjoint of the token state after t (A_{t+1}, B_{t+1}).
-        const float x = expf(u + kb[i] - tm[i]) * tgn[i];
-        const float ek = expf(kb[i] + gq);
+        const float x = ex(u + kb[i] - tm[i]) * tgn[i];
+        const float ek = ex(kb[i] + gq);
         const float dy = vb[i] - ty[i];
         st(gv + (size_t)t * g.C, x + ek * ga);
         st(gk + (size_t)t * g.C, x * dy + ek * (ga * vb[i] + gb));
         gu += x * dy;
-        gw += (ta[i] * ga + tbb[i] * gb) * expf(tp[i] + gq - w);
+        gw += (ta[i] * ga + tbb[i] * gb) * ex(tp[i] + gq - w);
         gq -= w;
         lse_add(ga, gb, gq, tgn[i], -tgn[i] * ty[i], -tm[i]);
       }
@@ -418,13 +432,13 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_reduce(WkvBwdArgs A) {
     sw += A.pw[(size_t)i * g.C + c];
     su += A.pu[(size_t)i * g.C + c];
   }
-  const float w = expf(A.td[c]);
+  const float w = ex(A.td[c]);
   A.gtd[c] = -w * sw;
   A.gtf[c] = su;
   if (g.s > 0) {
     float sm = 0.f;
     for (int i = 0; i < g.B; i++) sm += A.pwm[(size_t)i * g.C + c];
-    A.gmd[c] = -expf(A.md[c]) * sm;
+    A.gmd[c] = -ex(A.md[c]) * sm;
   }
 }
 
