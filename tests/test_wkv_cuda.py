@@ -92,9 +92,13 @@ def run(p, st, s, dtype, impl):
 
 def grads(y, st_out, leaves, st_leaves, wy, wst):
     loss = (y.double() * wy).sum()
-    outs = [st_out.aa, st_out.bb] + ([st_out.ma, st_out.mb] if st_out.ma is not None else [])
-    for o, w in zip(outs, wst):
-        loss = loss + (o.double() * w).sum()
+    outs = [(st_out.aa, st_out.pp), (st_out.bb, st_out.pp)]
+    if st_out.ma is not None:
+        outs += [(st_out.ma, st_out.mp), (st_out.mb, st_out.mp)]
+    for (o, p), w in zip(outs, wst):
+        # Where p = -1e38 the state represents an empty sum whatever a and b hold (the reference
+        # leaves a nonzero a there, with a meaningless gradient); only live entries are compared.
+        loss = loss + (o.double() * w * (p.detach() > -1e30)).sum()
     names = list(leaves)
     gs = torch.autograd.grad(loss, list(leaves.values()) + st_leaves, allow_unused=True, materialize_grads=True)
     return dict(zip(names + [f"state{i}" for i in range(len(st_leaves))], gs))

@@ -125,6 +125,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   at::Tensor ss = at::empty({3, B, interval > 0 ? g.npiece : 0, C}, f32);
   at::Tensor pwu = at::empty({2, B, g.NC, C}, f32);
   at::Tensor pwm = at::empty({B, C}, f32);
+  at::Tensor ssub = at::empty({3, B, (int64_t)g.NC * (WKV_CH / WKV_SUB), C}, f32);
   WkvBwdArgs A;
   A.g = g;
   const bool med = interval > 0;
@@ -145,6 +146,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   A.gma = fp(gst[3]); A.gmb = fp(gst[4]); A.gmp = fp(gst[5]);
   A.r_a = fp(rr[0]); A.r_b = fp(rr[1]); A.r_p = fp(rr[2]);
   A.s_a = med ? fp(ss[0]) : nullptr; A.s_b = med ? fp(ss[1]) : nullptr; A.s_p = med ? fp(ss[2]) : nullptr;
+  A.ss_a = fp(ssub[0]); A.ss_b = fp(ssub[1]); A.ss_p = fp(ssub[2]);
   A.pw = fp(pwu[0]); A.pu = fp(pwu[1]); A.pwm = fp(pwm);
   cudaError_t err = wkv_backward_launch(A, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "wkv backward launch failed: ", cudaGetErrorString(err));

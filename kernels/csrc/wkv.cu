@@ -63,6 +63,30 @@ __device__ __forceinline__ void lse_add(float& a, float& b, float& p, float va, 
     b = b + e * vb;
   }
 }
+// A decaying sum kept as (a, b) * exp(pr - pn * w): the decay steps are counted in pn and applied
+// with one rounding (fmaf), so that no rounding error accumulates in the running maximum over long
+// stretches without a new maximum. dec_add: decay by `steps` steps, then add exp(x) * (va, vb).
+__device__ __forceinline__ float cur_p(float pr, float pn, float w) { return fmaf(-pn, w, pr); }
+__device__ __forceinline__ void dec_add(float& a, float& b, float& pr, float& pn, float w, float steps,
+                                        float va, float vb, float x) {
+  pn += steps;
+  const float p = cur_p(pr, pn, w);
+  const float e = ex(-fabsf(p - x));
+  if (x > p) {
+    a = e * a + va;
+    b = e * b + vb;
+    pr = x;
+    pn = 0.f;
+  } else {
+    a = a + e * va;
+    b = b + e * vb;
+  }
+}
+#if WKV_DTYPE == 2
+__device__ __forceinline__ float dv(float x, float y) { return x / y; }
+#else
+__device__ __forceinline__ float dv(float x, float y) { return __fdividef(x, y); }   // y >= 1 here
+#endif
 __device__ __forceinline__ float ld_or(const float* p, size_t i, float dflt) { return p ? p[i] : dflt; }
 
 // ---------------------------------------------------------------- forward
@@ -76,7 +100,7 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_local(WkvFwdArgs A) {
   const float w = ex(A.td[c]);
   const in_t* __restrict__ k = (const in_t*)A.k + (size_t)b * g.T * g.C + c;
   const in_t* __restrict__ v = (const in_t*)A.v + (size_t)b * g.T * g.C + c;
-  float a = 0.f, bb = 0.f, p = WKV_NEG;
+  float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
   for (int base = t0; base < t1; base += U) {
     float kb[U], vb[U];
 #pragma unroll
@@ -84,10 +108,10 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_local(WkvFwdArgs A) {
       if (base + i < t1) { kb[i] = ld(k + (size_t)(base + i) * g.C); vb[i] = ld(v + (size_t)(base + i) * g.C); }
 #pragma unroll
     for (int i = 0; i < U; i++)
-      if (base + i < t1) { p -= w; lse_add(a, bb, p, vb[i], 1.f, kb[i]); }
+      if (base + i < t1) dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
   }
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  A.loc_a[o] = a; A.loc_b[o] = bb; A.loc_p[o] = p;
+  A.loc_a[o] = a; A.loc_b[o] = bb; A.loc_p[o] = cur_p(p, pn, w);
 }
 
 __global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
@@ -97,29 +121,28 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
   const int b = blockIdx.y;
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
-  float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG);
+  float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG), pn = 0.f;
 #pragma unroll 4
   for (int n = 0; n < g.NC; n++) {
     int t0, t1;
     wkv_chunk_range(g, n, t0, t1);
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     const float la = A.loc_a[o], lb = A.loc_b[o], lp = A.loc_p[o];
-    A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = p;
-    p -= (float)(t1 - t0) * w;
-    lse_add(a, bb, p, la, lb, lp);
+    A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = cur_p(p, pn, w);
+    dec_add(a, bb, p, pn, w, (float)(t1 - t0), la, lb, lp);
   }
-  A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = p;
+  A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = cur_p(p, pn, w);
   if (g.s > 0) {
     const float wm = ex(A.md[c]);
-    a = ld_or(A.ma, bc, 0.f); bb = ld_or(A.mb, bc, 0.f); p = ld_or(A.mp, bc, WKV_NEG);
+    a = ld_or(A.ma, bc, 0.f); bb = ld_or(A.mb, bc, 0.f); p = ld_or(A.mp, bc, WKV_NEG); pn = 0.f;
 #pragma unroll 4
     for (int r = 0; r < g.J; r++) {
       const size_t o = ((size_t)b * g.J + r) * g.C + c;
       const float kk = A.mk[o], vv = A.mv[o];
-      A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = p;
-      if (r < g.complete) { p -= wm; lse_add(a, bb, p, vv, 1.f, kk); }
+      A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
+      if (r < g.complete) dec_add(a, bb, p, pn, wm, 1.f, vv, 1.f, kk);
     }
-    A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = p;
+    A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm);
   }
 }
 
@@ -136,7 +159,7 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
   const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
   in_t* __restrict__ y = (in_t*)A.y + base_bt;
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o];
+  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
   float mA = 0.f, mB = 0.f, mP = WKV_NEG;
   int r = 0, pos = 0;
   if (g.s > 0) {
@@ -159,14 +182,14 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
           const size_t om = ((size_t)b * g.J + r) * g.C + c;
           mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
         }
+        const float pc = cur_p(p, pn, w);
         const float lu = u + kb[i];
-        const float m = fmaxf(fmaxf(p, lu), mP);
-        const float e1 = ex(p - m), e2 = ex(lu - m), em = ex(mP - m);
+        const float m = fmaxf(fmaxf(pc, lu), mP);
+        const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(mP - m);
         const float num = e1 * a + e2 * vb[i] + em * mA;
         const float den = e1 * bb + e2 + em * mB;
-        st(y + (size_t)t * g.C, num / den);
-        p -= w;
-        lse_add(a, bb, p, vb[i], 1.f, kb[i]);
+        st(y + (size_t)t * g.C, dv(num, den));
+        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
         pos++;
       }
     }
@@ -195,7 +218,7 @@ __device__ __forceinline__ TokOut tok_out(float a, float bb, float p, float k, f
   const float e1 = ex(p - o.m), e2 = ex(lu - o.m), em = ex(mP - o.m);
   const float num = e1 * a + e2 * v + em * mA;
   o.den = e1 * bb + e2 + em * mB;
-  o.y = num / o.den;
+  o.y = dv(num, o.den);
   return o;
 }
 
@@ -214,7 +237,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
   const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
   const in_t* __restrict__ gy = (const in_t*)A.gy + base_bt;
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o];
+  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
   float mA = 0.f, mB = 0.f, mP = WKV_NEG;
   int r = 0, pos = 0;
   if (g.s > 0) {
@@ -243,8 +266,14 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
           const size_t om = ((size_t)b * g.J + r) * g.C + c;
           mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
         }
-        const TokOut q = tok_out(a, bb, p, kb[i], vb[i], u, mA, mB, mP);
-        const float gn = gb[i] / q.den;
+        const float pc = cur_p(p, pn, w);
+        if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for k_bwd_out
+          const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
+                              (t - t0) / WKV_SUB) * g.C + c;
+          A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
+        }
+        const TokOut q = tok_out(a, bb, pc, kb[i], vb[i], u, mA, mB, mP);
+        const float gn = dv(gb[i], q.den);
         lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
         if (g.s > 0) {
           lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
@@ -254,8 +283,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
             sa = 0.f; sb = 0.f; sp = WKV_NEG;
           }
         }
-        p -= w;
-        lse_add(a, bb, p, vb[i], 1.f, kb[i]);
+        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
         pos++;
       }
     }
@@ -276,17 +304,17 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
   const int b = blockIdx.y;
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
-  float Ra = ld_or(A.gaaT, bc, 0.f), Rb = ld_or(A.gbbT, bc, 0.f), Rp = -A.ppT[bc];
+  float Ra = ld_or(A.gaaT, bc, 0.f), Rb = ld_or(A.gbbT, bc, 0.f), Rp = -A.ppT[bc], Rn = 0.f;
 #pragma unroll 4
   for (int n = g.NC - 1; n >= 0; n--) {
     int t0, t1;
     wkv_chunk_range(g, n, t0, t1);
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     const float la = A.r_a[o], lb = A.r_b[o], lp = A.r_p[o];
-    A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = Rp;
-    Rp -= (float)(t1 - t0) * w;
-    lse_add(Ra, Rb, Rp, la, lb, lp);
+    A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = cur_p(Rp, Rn, w);
+    dec_add(Ra, Rb, Rp, Rn, w, (float)(t1 - t0), la, lb, lp);
   }
+  Rp = cur_p(Rp, Rn, w);
   {
     const float aa0 = ld_or(A.aa, bc, 0.f), bb0 = ld_or(A.bb, bc, 0.f);
     const float e = ex(Rp + ld_or(A.pp, bc, WKV_NEG));
@@ -295,30 +323,33 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
   }
   if (g.s > 0) {
     const float wm = ex(A.md[c]);
-    float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG;   // adjoint of the medium state before segment r + 1
+    float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;   // adjoint of the medium state before segment r + 1
     if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
     float acc = 0.f;
     for (int r = g.J - 1; r >= 0; r--) {
       const size_t o = ((size_t)b * g.J + r) * g.C + c;
       const float kk = A.mk[o], vv = A.mv[o];
-      const float e = ex(kk + Mp);
+      const float Mc = cur_p(Mp, Mn, wm);
+      const float e = ex(kk + Mc);
       A.gmv[o] = Ma * e;
       A.gmk[o] = (vv * Ma + Mb) * e;
-      acc += (A.ms_a[o] * Ma + A.ms_b[o] * Mb) * ex(A.ms_p[o] + Mp - wm);
-      Mp -= wm;
+      acc += (A.ms_a[o] * Ma + A.ms_b[o] * Mb) * ex(A.ms_p[o] + Mc - wm);
+      Mn += 1.f;
       if (g.s <= WKV_CH) {
         const size_t os = ((size_t)b * g.npiece + r) * g.C + c;
-        lse_add(Ma, Mb, Mp, A.s_a[os], A.s_b[os], A.s_p[os]);
+        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, A.s_a[os], A.s_b[os], A.s_p[os]);
       } else {
         const int n0 = wkv_max(r * g.nsub - g.c_first, 0);
         const int n1 = wkv_min((r + 1) * g.nsub - g.c_first, g.NC);
         for (int n = n0; n < n1; n++) {
           const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
-          lse_add(Ma, Mb, Mp, A.s_a[os], A.s_b[os], A.s_p[os]);
+          dec_add(Ma, Mb, Mp, Mn, wm, 0.f, A.s_a[os], A.s_b[os], A.s_p[os]);
         }
       }
-      if (r == g.complete) lse_add(Ma, Mb, Mp, ld_or(A.gmaT, bc, 0.f), ld_or(A.gmbT, bc, 0.f), -A.mpT[bc]);
+      if (r == g.complete)
+        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, ld_or(A.gmaT, bc, 0.f), ld_or(A.gmbT, bc, 0.f), -A.mpT[bc]);
     }
+    Mp = cur_p(Mp, Mn, wm);
     const float ma0 = ld_or(A.ma, bc, 0.f), mb0 = ld_or(A.mb, bc, 0.f);
     const float e = ex(Mp + ld_or(A.mp, bc, WKV_NEG));
     const float ga = Ma * e, gb = Mb * e;
@@ -345,23 +376,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
   in_t* __restrict__ gk = (in_t*)A.gk + base_bt;
   in_t* __restrict__ gv = (in_t*)A.gv + base_bt;
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o];
-  float sa[NS], sb[NS], sp[NS];
-#pragma unroll
-  for (int j = 0; j < NS; j++) {
-    sa[j] = a; sb[j] = bb; sp[j] = p;
-    const int tb = t0 + j * WKV_SUB;
-    if (tb < t1) {
-      float kb[WKV_SUB], vb[WKV_SUB];
-#pragma unroll
-      for (int i = 0; i < WKV_SUB; i++)
-        if (tb + i < t1) { kb[i] = ld(k + (size_t)(tb + i) * g.C); vb[i] = ld(v + (size_t)(tb + i) * g.C); }
-#pragma unroll
-      for (int i = 0; i < WKV_SUB; i++)
-        if (tb + i < t1) { p -= w; lse_add(a, bb, p, vb[i], 1.f, kb[i]); }
-    }
-  }
-  float ga = A.r_a[o], gb = A.r_b[o], gq = A.r_p[o];   // adjoint of the state after the chunk
+  float ga = A.r_a[o], gb = A.r_b[o], gq = A.r_p[o], gn_ = 0.f;   // adjoint of the state after the chunk
   float gw = 0.f, gu = 0.f;
 #pragma unroll
   for (int j = NS - 1; j >= 0; j--) {
@@ -384,7 +399,8 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
       mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
     }
     float ta[WKV_SUB], tbb[WKV_SUB], tp[WKV_SUB], tm[WKV_SUB], tgn[WKV_SUB], ty[WKV_SUB];
-    a = sa[j]; bb = sb[j]; p = sp[j];
+    const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
+    float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss], pn = 0.f;
 #pragma unroll
     for (int i = 0; i < WKV_SUB; i++) {
       if (tb + i < t1) {
@@ -393,11 +409,11 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
           const size_t om = ((size_t)b * g.J + r) * g.C + c;
           mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
         }
-        const TokOut q = tok_out(a, bb, p, kb[i], vb[i], u, mA, mB, mP);
-        ta[i] = a; tbb[i] = bb; tp[i] = p;
-        tm[i] = q.m; tgn[i] = gyb[i] / q.den; ty[i] = q.y;
-        p -= w;
-        lse_add(a, bb, p, vb[i], 1.f, kb[i]);
+        const float pc = cur_p(p, pn, w);
+        const TokOut q = tok_out(a, bb, pc, kb[i], vb[i], u, mA, mB, mP);
+        ta[i] = a; tbb[i] = bb; tp[i] = pc;
+        tm[i] = q.m; tgn[i] = dv(gyb[i], q.den); ty[i] = q.y;
+        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
         pos++;
       }
     }
@@ -406,15 +422,15 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
       const int t = tb + i;
       if (t < t1) {
         // (ga, gb, gq): adjoint of the token state after t (A_{t+1}, B_{t+1}).
+        const float gc = cur_p(gq, gn_, w);
         const float x = ex(u + kb[i] - tm[i]) * tgn[i];
-        const float ek = ex(kb[i] + gq);
+        const float ek = ex(kb[i] + gc);
         const float dy = vb[i] - ty[i];
         st(gv + (size_t)t * g.C, x + ek * ga);
         st(gk + (size_t)t * g.C, x * dy + ek * (ga * vb[i] + gb));
         gu += x * dy;
-        gw += (ta[i] * ga + tbb[i] * gb) * ex(tp[i] + gq - w);
-        gq -= w;
-        lse_add(ga, gb, gq, tgn[i], -tgn[i] * ty[i], -tm[i]);
+        gw += (ta[i] * ga + tbb[i] * gb) * ex(tp[i] + gc - w);
+        dec_add(ga, gb, gq, gn_, w, 1.f, tgn[i], -tgn[i] * ty[i], -tm[i]);
       }
     }
   }

@@ -106,6 +106,7 @@ struct WkvBwdArgs {
   float *s_a, *s_b, *s_p;        // (B, npiece, C): per-segment sums of the output adjoints
   float *pw, *pu;                // (B, NC, C): partial gradients of time_decay, time_first
   float *pwm;                    // (B, C): partial gradient of medium_decay
+  float *ss_a, *ss_b, *ss_p;     // (B, NC * CH / SUB, C): token state at each sub-chunk start
 };
 
 // Returns the first CUDA error of the launches (cudaSuccess when all went well).
