@@ -59,7 +59,7 @@ def main(argv):
         lr = current_lr(engine)
         loss = train_step(engine, micro, dist.device)
         step, tokens, window_steps = step + 1, tokens + step_tokens, window_steps + 1
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or step == 1:
             cli.sync(dist.device)
             dt = time.perf_counter() - window_t
             tps = window_steps * step_tokens / dt

@@ -49,7 +49,7 @@ class DataSection:
     seq_len: int = 256
     micro_batch_size: int = 8
     num_workers: int = 0
-    cache_dir: Optional[str] = None      # default: $RRWKV_CACHE or ~/.cache/rrwkv
+    cache_dir: Optional[str] = None      # built-in corpus cache; default $RRWKV_CACHE_DIR or ~/.cache/rrwkv
 
 
 @dataclass

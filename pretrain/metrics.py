@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -86,7 +87,7 @@ class MetricsLogger:
         mode = cfg.logging.wandb.mode
         if mode != "disabled":
             import wandb
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
             self.wandb = wandb.init(project=cfg.logging.wandb.project, name=cfg.logging.wandb.name, mode=mode,
                                     dir=str(out_dir), id=self.wandb_id, resume="allow",
                                     config=_plain(cfg), settings=wandb.Settings(silent=True))

@@ -63,10 +63,6 @@ class DataSources:
     tokenizer: Optional[str]
 
 
-def _cache_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.data.cache_dir or os.environ.get("RRWKV_CACHE") or Path.home() / ".cache" / "rrwkv")
-
-
 def _manifest_path(path: str, key: str) -> Path:
     p = Path(path)
     m = p / "manifest.json" if p.is_dir() else p
@@ -109,9 +105,13 @@ def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
     train, valid = cfg.data.train, cfg.data.valid
     if train == "builtin":
         from data_tools.builtin import prepare_builtin_corpus
-        train, builtin_valid = prepare_builtin_corpus(_cache_dir(cfg), vocab_size=cfg.model.vocab_size)
-        valid = builtin_valid if valid in (None, "builtin") else valid
+        corpus = prepare_builtin_corpus(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+        train = corpus.train
+        valid = corpus.valid if valid in (None, "builtin") else valid
         cfg.data.train, cfg.data.valid = str(train), str(valid)   # the resolved config names real paths
+    if valid == "builtin":
+        raise UserError("data.valid=builtin is the validation split of data.train=builtin; give data.valid a "
+                        "shard directory of your own (or null)")
     train_src, manifests = _sources(train, "data.train")
     valid_src = None
     if valid:

@@ -1,0 +1,138 @@
+"""launch/pretrain.py end to end on CPU: one process and two gloo ranks (DeepSpeed), exact resume
+after SIGKILL, run files, and one-line errors for bad input."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.n_layer=2", "model.n_embd=64", "model.medium_interval=16", "data.seq_len=64",
+         "data.micro_batch_size=4", "train.global_batch_size=8", "train.log_every=1", "train.eval_every=0",
+         "logging.wandb.mode=disabled", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One built-in corpus for every test of the session (built by the first run that needs it)."""
+    return tmp_path_factory.mktemp("rrwkv-cache")
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_cmd(out_dir, cache, extra=(), ranks=1):
+    args = ["--config", str(ROOT / "configs/tiny.yaml"), f"run.out_dir={out_dir}", f"data.cache_dir={cache}",
+            *SMALL, *extra]
+    if ranks == 1:
+        return [sys.executable, str(ROOT / "launch/pretrain.py"), *args]
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+            str(ROOT / "launch/pretrain.py"), *args]
+
+
+def run(cmd, timeout=600):
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    return p
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_two_ranks_zero2_resume_after_sigkill_is_exact(tmp_path, cache_dir):
+    steps = ["train.max_steps=6", "train.save_every=3"]
+    ref = tmp_path / "ref"
+    p = run(pretrain_cmd(ref, cache_dir, steps, ranks=2))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ref_losses = losses(ref)
+    assert sorted(ref_losses) == list(range(1, 7))
+    assert ref_losses[6] < ref_losses[1]
+    ckpt = ref / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step6"
+    assert (ref / "config.yaml").is_file() and "manifest.json" in (ref / "config.yaml").read_text()
+    meta = json.loads((ref / "runs.jsonl").read_text().splitlines()[0])
+    assert meta["packages"]["deepspeed"] and "git_revision" in meta and meta["world_size"] == 2
+    row = json.loads((ref / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu"} <= set(row)
+
+    # The same run, killed with SIGKILL once its step-3 checkpoint is complete, then started again.
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(pretrain_cmd(out, cache_dir, steps, ranks=2), cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 500
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() == "step3":
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    p = run(pretrain_cmd(out, cache_dir, steps, ranks=2))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "at step 3" in p.stdout
+    assert "step=1 " not in p.stdout and "step=4 " in p.stdout   # continued, did not retrain step 1
+    assert losses(out) == ref_losses                               # bit for bit
+
+
+def test_single_process_trains_and_resumes_exactly(tmp_path, cache_dir):
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    p = run(pretrain_cmd(ref, cache_dir, ["train.max_steps=6", "train.eval_every=3", "train.eval_batches=2",
+                                          "logging.wandb.mode=offline"]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows)
+    assert list((ref / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+    # The same run killed (SIGKILL) after its first checkpoint, then started again. Validation and
+    # wandb in the reference run must not change the training losses.
+    proc = subprocess.Popen(pretrain_cmd(split, cache_dir, ["train.max_steps=6", "train.save_every=3"]), cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = split / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (latest.exists() and latest.read_text().strip()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    p = run(pretrain_cmd(split, cache_dir, ["train.max_steps=6", "train.save_every=3"]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert losses(split) == losses(ref)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["train.max_step=5"], "unknown config key 'train.max_step' in override 'train.max_step=5'; did you mean 'train.max_steps'?"),
+    (["data.train=/nonexistent/shards"], "data.train: no shard directory or manifest.json at '/nonexistent/shards'"),
+    (["model.vocab_size=1000", "data.train={train}", "data.valid=null"], "has 2048 tokens but model.vocab_size is 1000; set model.vocab_size=2048"),
+    (["train.precision=fp8"], "choose one of bf16, fp16, fp32"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, cache_dir, extra, message):
+    from data_tools.builtin import prepare_builtin_corpus
+    train = prepare_builtin_corpus(cache_dir, vocab_size=2048).train
+    p = run(pretrain_cmd(tmp_path / "out", cache_dir, [e.format(train=train) for e in extra]))
+    assert p.returncode == 2
+    err = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and message in err[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    assert run(pretrain_cmd(out, cache_dir, ["train.max_steps=1"])).returncode == 0
+    before = (out / "checkpoints" / "latest").read_text()
+    p = run(pretrain_cmd(out, cache_dir, ["train.max_steps=2", "run.resume=none"]))
+    assert p.returncode == 2 and "already holds checkpoints and run.resume=none" in p.stderr
+    assert (out / "checkpoints" / "latest").read_text() == before
