@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--strict", action="store_true",
                    help="stop at the first malformed record instead of skipping and counting it")
     k.add_argument("--eos-token", default=None, help="end-of-document token of the tokenizer")
+    k.add_argument("--unit-mb", type=float, default=16,
+                   help="input MB per work unit; the output depends on it, not on --workers")
     k.add_argument("--overwrite", action="store_true", help="replace a finished shard set in --output")
 
     i = sub.add_parser("inspect", help="statistics, length histogram and decoded samples")
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
                                     shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
                                     text_key=args.text_key, max_doc_tokens=args.max_doc_tokens,
                                     strict=args.strict, eos_token=args.eos_token,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite,
+                                    unit_bytes=int(args.unit_mb * (1 << 20)))
             print(result.summary(args.text_key))
         elif args.command == "inspect":
             from .inspect_shards import inspect_shards

@@ -28,7 +28,7 @@ from .manifest import FORMAT, MANIFEST, dtype_for_vocab, write_manifest
 from .tokenizer import Tokenizer
 
 DEFAULT_SHARD_TOKENS = 1 << 26   # ~128 MiB of uint16 per shard
-DEFAULT_UNIT_BYTES = 1 << 26     # input bytes per work unit
+DEFAULT_UNIT_BYTES = 1 << 24     # input bytes per work unit (the grain of --workers)
 ENCODE_BATCH_CHARS = 1 << 20     # documents are encoded in batches of about this many characters
 WORK = ".work"
 

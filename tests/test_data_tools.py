@@ -254,3 +254,45 @@ def test_builtin_corpus_built_once_then_cached(tmp_path):
     first.train.unlink()
     third = prepare_builtin_corpus(tmp_path, **kw)
     assert load_manifest(third.train).data == train.data
+
+
+def test_killed_tokenize_resumes_to_identical_output(corpus, tokenizer, tmp_path, monkeypatch):
+    import data_tools.shards as shards
+
+    kw = dict(shard_tokens=2000, unit_bytes=20_000, progress=False)
+    tokenize_files([corpus], tokenizer, tmp_path / "clean", **kw)
+    real, calls = shards.run_unit, []
+
+    def dies_at_third_unit(unit, *a):
+        calls.append(unit.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands in for a kill between units
+        return real(unit, *a)
+
+    monkeypatch.setattr(shards, "run_unit", dies_at_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_files([corpus], tokenizer, tmp_path / "resumed", **kw)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    done = sorted(p.name for p in (tmp_path / "resumed" / ".work").glob("unit-*.json"))
+    assert done == ["unit-000000.json", "unit-000001.json"]
+    monkeypatch.setattr(shards, "run_unit", real)
+    tokenize_files([corpus], tokenizer, tmp_path / "resumed", **kw)
+    assert _tree(tmp_path / "resumed") == _tree(tmp_path / "clean")
+
+
+def test_builtin_corpus_two_processes_build_once(tmp_path):
+    code = ("import sys, data_tools.builtin as b; "
+            "real = b._build\n"
+            "def build(*a, **k):\n"
+            "    print('BUILT', flush=True); real(*a, **k)\n"
+            "b._build = build\n"
+            "print(b.prepare_builtin_corpus(sys.argv[1], vocab_size=400, target_bytes=150_000,"
+            " shard_tokens=20_000).train)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(o.count("BUILT") for o in outs) == 1
+    assert len({o.splitlines()[-1] for o in outs}) == 1
+    assert load_manifest(outs[0].splitlines()[-1]).total_tokens > 0
