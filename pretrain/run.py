@@ -109,10 +109,10 @@ def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
         train = corpus.train
         valid = corpus.valid if valid in (None, "builtin") else valid
         cfg.data.train, cfg.data.valid = str(train), str(valid)   # the resolved config names real paths
+    train_src, manifests = _sources(train, "data.train")
     if valid == "builtin":
         raise UserError("data.valid=builtin is the validation split of data.train=builtin; give data.valid a "
                         "shard directory of your own (or null)")
-    train_src, manifests = _sources(train, "data.train")
     valid_src = None
     if valid:
         valid_src, vm = _sources(valid, "data.valid")
