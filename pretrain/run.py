@@ -63,30 +63,19 @@ class DataSources:
     tokenizer: Optional[str]
 
 
-def _manifest_path(path: str, key: str) -> Path:
-    p = Path(path)
-    m = p / "manifest.json" if p.is_dir() else p
-    if not m.is_file():
-        raise UserError(f"{key}: no shard directory or manifest.json at '{path}'; run `python -m data_tools "
-                        f"tokenize ... --output DIR` first, or fix the path")
-    return m
-
-
-def _read_manifest(m: Path) -> Dict[str, Any]:
+def _manifest(path: str, key: str):
+    from .data import load_manifest
     try:
-        data = json.loads(m.read_text())
-        tok = data["tokenizer"]
-        int(tok["vocab_size"]), int(tok["eos_id"])
-        return data
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"manifest {m} is not a valid data_tools manifest ({e!r}); re-run data_tools tokenize") from None
+        return load_manifest(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{key}: {e}") from None
 
 
-def _sources(value: Any, key: str) -> Tuple[Any, List[Dict[str, Any]]]:
+def _sources(value: Any, key: str) -> Tuple[Any, list]:
     """(TokenStream source, manifests) for a config value: a path or a list of {path, weight}."""
     if isinstance(value, (str, Path)):
-        m = _manifest_path(str(value), key)
-        return str(m), [_read_manifest(m)]
+        m = _manifest(str(value), key)
+        return str(m.path), [m]
     items = OmegaConf.to_container(value) if not isinstance(value, list) else value
     if not isinstance(items, list) or not items:
         raise UserError(f"{key} must be a path or a list of {{path: ..., weight: ...}}")
@@ -94,9 +83,9 @@ def _sources(value: Any, key: str) -> Tuple[Any, List[Dict[str, Any]]]:
     for it in items:
         if not isinstance(it, dict) or "path" not in it:
             raise UserError(f"{key}: each entry must be {{path: ..., weight: ...}}, got {it!r}")
-        m = _manifest_path(str(it["path"]), key)
-        src.append((str(m), float(it.get("weight", 1.0))))
-        manifests.append(_read_manifest(m))
+        m = _manifest(str(it["path"]), key)
+        src.append((str(m.path), float(it.get("weight", 1.0))))
+        manifests.append(m)
     return src, manifests
 
 
@@ -117,16 +106,14 @@ def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
     if valid:
         valid_src, vm = _sources(valid, "data.valid")
         manifests += vm
-    toks = {(m["tokenizer"].get("sha256"), int(m["tokenizer"]["vocab_size"])) for m in manifests}
-    if len(toks) > 1:
-        raise UserError(f"data sources were tokenized with different tokenizers {sorted(toks)}; re-tokenize them "
-                        f"with one tokenizer")
-    tok = manifests[0]["tokenizer"]
-    vocab = int(tok["vocab_size"])
-    if vocab > cfg.model.vocab_size:
-        raise UserError(f"the data's tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}; "
-                        f"set model.vocab_size={vocab} (or larger)")
-    return DataSources(train_src, valid_src, vocab, int(tok["eos_id"]), tok.get("path"))
+    from .data import check_tokenizer
+    first = manifests[0]
+    for m in manifests:  # every source made with the same tokenizer, fitting the model's vocabulary
+        try:
+            check_tokenizer(m, first.tokenizer_path, vocab_size=cfg.model.vocab_size)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from None
+    return DataSources(train_src, valid_src, first.vocab_size, first.eos_id, str(first.tokenizer_path))
 
 
 def train_stream(cfg: DictConfig, src: DataSources, d: Dist):

@@ -115,8 +115,8 @@ def test_single_process_trains_and_resumes_exactly(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("extra,message", [
     (["train.max_step=5"], "unknown config key 'train.max_step' in override 'train.max_step=5'; did you mean 'train.max_steps'?"),
-    (["data.train=/nonexistent/shards"], "data.train: no shard directory or manifest.json at '/nonexistent/shards'"),
-    (["model.vocab_size=1000", "data.train={train}", "data.valid=null"], "has 2048 tokens but model.vocab_size is 1000; set model.vocab_size=2048"),
+    (["data.train=/nonexistent/shards"], "data.train: data source /nonexistent/shards not found"),
+    (["model.vocab_size=1000", "data.train={train}", "data.valid=null"], "use a vocabulary of 2048 tokens but the model has only 1000; set model.vocab_size >= 2048"),
     (["train.precision=fp8"], "choose one of bf16, fp16, fp32"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, cache_dir, extra, message):
