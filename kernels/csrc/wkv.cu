@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <cuda_pipeline.h>
 
 #ifndef WKV_DTYPE
 #define WKV_DTYPE 0
@@ -34,10 +35,15 @@ const char* wkv_dtype_name() { return "float32"; }
 
 #define NTHREADS 128
 #define U 16
+#define SB 8     // scans: loads of SB steps issued together
+#define UB 4     // k_bwd_local: inputs come from shared memory, few registers buffered
 
 __device__ __forceinline__ float ld(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float lds(const float* p) { return *p; }
+__device__ __forceinline__ float lds(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float lds(const __half* p) { return __half2float(*p); }
 __device__ __forceinline__ void st(float* p, float x) { *p = x; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 __device__ __forceinline__ void st(__half* p, float x) { *p = __float2half_rn(x); }
@@ -89,23 +95,61 @@ __device__ __forceinline__ float dv(float x, float y) { return __fdividef(x, y);
 #endif
 __device__ __forceinline__ float ld_or(const float* p, size_t i, float dflt) { return p ? p[i] : dflt; }
 
+// Copy rows [0, rows) x channels [c0, c0 + NTHREADS) of a (rows, C) slab into shared memory
+// sm[rows][NTHREADS]: 16-byte asynchronous copies when the slab allows (so that a whole chunk's
+// loads are in flight at once, holding no registers), element copies otherwise (C not a multiple
+// of 8 (bf16/fp16) or 4 (fp32), the last channel tile, unaligned base). Callers then wait + sync.
+__device__ __forceinline__ void tile_load(in_t* __restrict__ sm, const in_t* __restrict__ gsrc, int rows, int C, int c0) {
+  constexpr int PER = 16 / sizeof(in_t);
+  constexpr int CPR = NTHREADS / PER;
+  const bool vec = (C % PER == 0) && (c0 + NTHREADS <= C) &&
+                   ((reinterpret_cast<uintptr_t>(gsrc) & 15) == 0);
+  if (vec) {
+    for (int i = threadIdx.x; i < rows * CPR; i += NTHREADS) {
+      const int r = i / CPR, q = i - r * CPR;
+      __pipeline_memcpy_async(sm + r * NTHREADS + q * PER, gsrc + (size_t)r * C + c0 + q * PER, 16);
+    }
+    __pipeline_commit();
+  } else {
+    for (int i = threadIdx.x; i < rows * NTHREADS; i += NTHREADS) {
+      const int r = i / NTHREADS, q = i - r * NTHREADS;
+      if (c0 + q < C) sm[i] = gsrc[(size_t)r * C + c0 + q];
+    }
+  }
+}
+#define TILE (WKV_CH * NTHREADS)
+#define LOAD_TILES(NT, GY)                                                                \
+  extern __shared__ __align__(16) unsigned char smraw[];                                \
+  in_t* sk = reinterpret_cast<in_t*>(smraw);                                            \
+  in_t* sv = sk + TILE;                                                                 \
+  in_t* sg = NT > 2 ? sv + TILE : nullptr;                                              \
+  {                                                                                     \
+    const size_t row0 = ((size_t)b * g.T + t0) * g.C;                                   \
+    const int c0 = blockIdx.x * NTHREADS;                                               \
+    tile_load(sk, (const in_t*)A.k + row0, t1 - t0, g.C, c0);                          \
+    tile_load(sv, (const in_t*)A.v + row0, t1 - t0, g.C, c0);                          \
+    if (NT > 2) tile_load(sg, (const in_t*)(GY) + row0, t1 - t0, g.C, c0);            \
+    __pipeline_wait_prior(0);                                                           \
+    __syncthreads();                                                                    \
+  }                                                                                     \
+  const int tx = threadIdx.x;                                                           \
+  if (c >= g.C) return;
+
 // ---------------------------------------------------------------- forward
 __global__ void __launch_bounds__(NTHREADS) k_fwd_local(WkvFwdArgs A) {
   const WkvGeo g = A.g;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= g.C) return;
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
+  LOAD_TILES(2, nullptr)
   const float w = ex(A.td[c]);
-  const in_t* __restrict__ k = (const in_t*)A.k + (size_t)b * g.T * g.C + c;
-  const in_t* __restrict__ v = (const in_t*)A.v + (size_t)b * g.T * g.C + c;
   float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
   for (int base = t0; base < t1; base += U) {
     float kb[U], vb[U];
 #pragma unroll
     for (int i = 0; i < U; i++)
-      if (base + i < t1) { kb[i] = ld(k + (size_t)(base + i) * g.C); vb[i] = ld(v + (size_t)(base + i) * g.C); }
+      if (base + i < t1) { kb[i] = lds(sk + (base + i - t0) * NTHREADS + tx); vb[i] = lds(sv + (base + i - t0) * NTHREADS + tx); }
 #pragma unroll
     for (int i = 0; i < U; i++)
       if (base + i < t1) dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
@@ -122,25 +166,44 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
   float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG), pn = 0.f;
-#pragma unroll 4
-  for (int n = 0; n < g.NC; n++) {
-    int t0, t1;
-    wkv_chunk_range(g, n, t0, t1);
-    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-    const float la = A.loc_a[o], lb = A.loc_b[o], lp = A.loc_p[o];
-    A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = cur_p(p, pn, w);
-    dec_add(a, bb, p, pn, w, (float)(t1 - t0), la, lb, lp);
+  // Loads of SB chunks are issued together (they do not depend on the recurrence).
+  for (int n0 = 0; n0 < g.NC; n0 += SB) {
+    float la[SB], lb[SB], lp[SB];
+#pragma unroll
+    for (int i = 0; i < SB; i++)
+      if (n0 + i < g.NC) {
+        const size_t o = ((size_t)b * g.NC + n0 + i) * g.C + c;
+        la[i] = A.loc_a[o]; lb[i] = A.loc_b[o]; lp[i] = A.loc_p[o];
+      }
+#pragma unroll
+    for (int i = 0; i < SB; i++)
+      if (n0 + i < g.NC) {
+        int t0, t1;
+        wkv_chunk_range(g, n0 + i, t0, t1);
+        const size_t o = ((size_t)b * g.NC + n0 + i) * g.C + c;
+        A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = cur_p(p, pn, w);
+        dec_add(a, bb, p, pn, w, (float)(t1 - t0), la[i], lb[i], lp[i]);
+      }
   }
   A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = cur_p(p, pn, w);
   if (g.s > 0) {
     const float wm = ex(A.md[c]);
     a = ld_or(A.ma, bc, 0.f); bb = ld_or(A.mb, bc, 0.f); p = ld_or(A.mp, bc, WKV_NEG); pn = 0.f;
-#pragma unroll 4
-    for (int r = 0; r < g.J; r++) {
-      const size_t o = ((size_t)b * g.J + r) * g.C + c;
-      const float kk = A.mk[o], vv = A.mv[o];
-      A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
-      if (r < g.complete) dec_add(a, bb, p, pn, wm, 1.f, vv, 1.f, kk);
+    for (int r0 = 0; r0 < g.J; r0 += SB) {
+      float kk[SB], vv[SB];
+#pragma unroll
+      for (int i = 0; i < SB; i++)
+        if (r0 + i < g.J) {
+          const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
+          kk[i] = A.mk[o]; vv[i] = A.mv[o];
+        }
+#pragma unroll
+      for (int i = 0; i < SB; i++)
+        if (r0 + i < g.J) {
+          const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
+          A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
+          if (r0 + i < g.complete) dec_add(a, bb, p, pn, wm, 1.f, vv[i], 1.f, kk[i]);
+        }
     }
     A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm);
   }
@@ -149,14 +212,12 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
 __global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
   const WkvGeo g = A.g;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= g.C) return;
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
+  LOAD_TILES(2, nullptr)
   const float w = ex(A.td[c]), u = A.tf[c];
   const size_t base_bt = (size_t)b * g.T * g.C + c;
-  const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
-  const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
   in_t* __restrict__ y = (in_t*)A.y + base_bt;
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
   float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
@@ -172,7 +233,7 @@ __global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
     float kb[U], vb[U];
 #pragma unroll
     for (int i = 0; i < U; i++)
-      if (base + i < t1) { kb[i] = ld(k + (size_t)(base + i) * g.C); vb[i] = ld(v + (size_t)(base + i) * g.C); }
+      if (base + i < t1) { kb[i] = lds(sk + (base + i - t0) * NTHREADS + tx); vb[i] = lds(sv + (base + i - t0) * NTHREADS + tx); }
 #pragma unroll
     for (int i = 0; i < U; i++) {
       const int t = base + i;
@@ -201,9 +262,16 @@ cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
   dim3 blk(NTHREADS);
   dim3 grid_chunks((g.C + NTHREADS - 1) / NTHREADS, g.NC, g.B);
   dim3 grid_scan((g.C + NTHREADS - 1) / NTHREADS, g.B);
-  k_fwd_local<<<grid_chunks, blk, 0, stream>>>(A);
+  const int sm2 = 2 * TILE * sizeof(in_t);
+  static bool attr = false;
+  if (!attr) {
+    cudaFuncSetAttribute(k_fwd_local, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2);
+    cudaFuncSetAttribute(k_fwd_out, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2);
+    attr = true;
+  }
+  k_fwd_local<<<grid_chunks, blk, sm2, stream>>>(A);
   k_fwd_scan<<<grid_scan, blk, 0, stream>>>(A);
-  k_fwd_out<<<grid_chunks, blk, 0, stream>>>(A);
+  k_fwd_out<<<grid_chunks, blk, sm2, stream>>>(A);
   return cudaGetLastError();
 }
 
@@ -227,15 +295,11 @@ __device__ __forceinline__ TokOut tok_out(float a, float bb, float p, float k, f
 __global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
   const WkvGeo g = A.g;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= g.C) return;
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
+  LOAD_TILES(3, A.gy)
   const float w = ex(A.td[c]), u = A.tf[c];
-  const size_t base_bt = (size_t)b * g.T * g.C + c;
-  const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
-  const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
-  const in_t* __restrict__ gy = (const in_t*)A.gy + base_bt;
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
   float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
   float mA = 0.f, mB = 0.f, mP = WKV_NEG;
@@ -248,17 +312,17 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
   }
   float ra = 0.f, rb = 0.f, rp = WKV_NEG;   // reverse sum decayed to t0
   float sa = 0.f, sb = 0.f, sp = WKV_NEG;   // segment sum
-  for (int base = t0; base < t1; base += U) {
-    float kb[U], vb[U], gb[U];
+  for (int base = t0; base < t1; base += UB) {
+    float kb[UB], vb[UB], gb[UB];
 #pragma unroll
-    for (int i = 0; i < U; i++)
+    for (int i = 0; i < UB; i++)
       if (base + i < t1) {
-        kb[i] = ld(k + (size_t)(base + i) * g.C);
-        vb[i] = ld(v + (size_t)(base + i) * g.C);
-        gb[i] = ld(gy + (size_t)(base + i) * g.C);
+        kb[i] = lds(sk + (base + i - t0) * NTHREADS + tx);
+        vb[i] = lds(sv + (base + i - t0) * NTHREADS + tx);
+        gb[i] = lds(sg + (base + i - t0) * NTHREADS + tx);
       }
 #pragma unroll
-    for (int i = 0; i < U; i++) {
+    for (int i = 0; i < UB; i++) {
       const int t = base + i;
       if (t < t1) {
         if (g.s > 0 && pos == g.s) {
@@ -305,14 +369,23 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
   float Ra = ld_or(A.gaaT, bc, 0.f), Rb = ld_or(A.gbbT, bc, 0.f), Rp = -A.ppT[bc], Rn = 0.f;
-#pragma unroll 4
-  for (int n = g.NC - 1; n >= 0; n--) {
-    int t0, t1;
-    wkv_chunk_range(g, n, t0, t1);
-    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-    const float la = A.r_a[o], lb = A.r_b[o], lp = A.r_p[o];
-    A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = cur_p(Rp, Rn, w);
-    dec_add(Ra, Rb, Rp, Rn, w, (float)(t1 - t0), la, lb, lp);
+  for (int n0 = g.NC - 1; n0 >= 0; n0 -= SB) {
+    float la[SB], lb[SB], lp[SB];
+#pragma unroll
+    for (int i = 0; i < SB; i++)
+      if (n0 - i >= 0) {
+        const size_t o = ((size_t)b * g.NC + n0 - i) * g.C + c;
+        la[i] = A.r_a[o]; lb[i] = A.r_b[o]; lp[i] = A.r_p[o];
+      }
+#pragma unroll
+    for (int i = 0; i < SB; i++)
+      if (n0 - i >= 0) {
+        int t0, t1;
+        wkv_chunk_range(g, n0 - i, t0, t1);
+        const size_t o = ((size_t)b * g.NC + n0 - i) * g.C + c;
+        A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = cur_p(Rp, Rn, w);
+        dec_add(Ra, Rb, Rp, Rn, w, (float)(t1 - t0), la[i], lb[i], lp[i]);
+      }
   }
   Rp = cur_p(Rp, Rn, w);
   {
@@ -364,15 +437,12 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
   constexpr int NS = WKV_CH / WKV_SUB;
   const WkvGeo g = A.g;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= g.C) return;
   const int n = blockIdx.y, b = blockIdx.z;
   int t0, t1;
   wkv_chunk_range(g, n, t0, t1);
+  LOAD_TILES(3, A.gy)
   const float w = ex(A.td[c]), u = A.tf[c];
   const size_t base_bt = (size_t)b * g.T * g.C + c;
-  const in_t* __restrict__ k = (const in_t*)A.k + base_bt;
-  const in_t* __restrict__ v = (const in_t*)A.v + base_bt;
-  const in_t* __restrict__ gy = (const in_t*)A.gy + base_bt;
   in_t* __restrict__ gk = (in_t*)A.gk + base_bt;
   in_t* __restrict__ gv = (in_t*)A.gv + base_bt;
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
@@ -382,14 +452,9 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
   for (int j = NS - 1; j >= 0; j--) {
     const int tb = t0 + j * WKV_SUB;
     if (tb >= t1) continue;
-    float kb[WKV_SUB], vb[WKV_SUB], gyb[WKV_SUB];
-#pragma unroll
-    for (int i = 0; i < WKV_SUB; i++)
-      if (tb + i < t1) {
-        kb[i] = ld(k + (size_t)(tb + i) * g.C);
-        vb[i] = ld(v + (size_t)(tb + i) * g.C);
-        gyb[i] = ld(gy + (size_t)(tb + i) * g.C);
-      }
+#define KB(i) lds(sk + (tb + (i) - t0) * NTHREADS + tx)
+#define VB(i) lds(sv + (tb + (i) - t0) * NTHREADS + tx)
+#define GB(i) lds(sg + (tb + (i) - t0) * NTHREADS + tx)
     float mA = 0.f, mB = 0.f, mP = WKV_NEG;
     int r = 0, pos = 0;
     if (g.s > 0) {
@@ -410,10 +475,10 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
           mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
         }
         const float pc = cur_p(p, pn, w);
-        const TokOut q = tok_out(a, bb, pc, kb[i], vb[i], u, mA, mB, mP);
+        const TokOut q = tok_out(a, bb, pc, KB(i), VB(i), u, mA, mB, mP);
         ta[i] = a; tbb[i] = bb; tp[i] = pc;
-        tm[i] = q.m; tgn[i] = dv(gyb[i], q.den); ty[i] = q.y;
-        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
+        tm[i] = q.m; tgn[i] = dv(GB(i), q.den); ty[i] = q.y;
+        dec_add(a, bb, p, pn, w, 1.f, VB(i), 1.f, KB(i));
         pos++;
       }
     }
@@ -423,11 +488,11 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
       if (t < t1) {
         // (ga, gb, gq): adjoint of the token state after t (A_{t+1}, B_{t+1}).
         const float gc = cur_p(gq, gn_, w);
-        const float x = ex(u + kb[i] - tm[i]) * tgn[i];
-        const float ek = ex(kb[i] + gc);
-        const float dy = vb[i] - ty[i];
+        const float x = ex(u + KB(i) - tm[i]) * tgn[i];
+        const float ek = ex(KB(i) + gc);
+        const float dy = VB(i) - ty[i];
         st(gv + (size_t)t * g.C, x + ek * ga);
-        st(gk + (size_t)t * g.C, x * dy + ek * (ga * vb[i] + gb));
+        st(gk + (size_t)t * g.C, x * dy + ek * (ga * VB(i) + gb));
         gu += x * dy;
         gw += (ta[i] * ga + tbb[i] * gb) * ex(tp[i] + gc - w);
         dec_add(ga, gb, gq, gn_, w, 1.f, tgn[i], -tgn[i] * ty[i], -tm[i]);
@@ -464,9 +529,16 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   const int cb = (g.C + NTHREADS - 1) / NTHREADS;
   dim3 grid_chunks(cb, g.NC, g.B);
   dim3 grid_scan(cb, g.B);
-  k_bwd_local<<<grid_chunks, blk, 0, stream>>>(A);
+  const int sm3 = 3 * TILE * sizeof(in_t);
+  static bool attr = false;
+  if (!attr) {
+    cudaFuncSetAttribute(k_bwd_local, cudaFuncAttributeMaxDynamicSharedMemorySize, sm3);
+    cudaFuncSetAttribute(k_bwd_out, cudaFuncAttributeMaxDynamicSharedMemorySize, sm3);
+    attr = true;
+  }
+  k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
   k_bwd_scan<<<grid_scan, blk, 0, stream>>>(A);
-  k_bwd_out<<<grid_chunks, blk, 0, stream>>>(A);
+  k_bwd_out<<<grid_chunks, blk, sm3, stream>>>(A);
   k_bwd_reduce<<<dim3(cb), blk, 0, stream>>>(A);
   return cudaGetLastError();
 }
