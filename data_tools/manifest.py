@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,50 @@ def manifest_path(source: str | os.PathLike) -> Path:
     return p
 
 
+URL_RE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]+://)")
+
+
+def is_url(source) -> bool:
+    """True for webdataset URLs (`pipe:CMD`, `http(s)://...`, ...), False for local paths."""
+    return isinstance(source, str) and bool(URL_RE.match(source)) and \
+        not source.startswith("file://")
+
+
+def _relative_url(url: str, name: str) -> str:
+    """The URL of `name` beside the manifest at `url`.
+
+    `pipe:` commands name the manifest somewhere in the command (`pipe:aws s3 cp
+    s3://b/d/manifest.json -`): its last mention is replaced by the shard's relative path.
+    """
+    if url.startswith("pipe:"):
+        head, sep, tail = url.rpartition(MANIFEST)
+        if not sep:
+            raise DataError(f"data source {url} is a pipe: command that does not name "
+                            f"{MANIFEST}; the shards' commands are made by replacing that name")
+        return head + name + tail
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """A loaded, validated manifest; `dir` is where its relative paths start."""
+    """A loaded, validated manifest; `dir` is where its relative paths start.
+
+    `url` is set for a manifest read through a webdataset URL; shard locations are then URLs too.
+    """
     path: Path
     data: dict
+    url: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Where the manifest came from, for messages."""
+        return self.url or str(self.path)
+
+    def shard_location(self, i: int) -> str:
+        """Local path or URL of shard i (what the reader opens)."""
+        if self.url:
+            return _relative_url(self.url, self.shards[i]["file"])
+        return str(self.shard_path(i))
 
     @property
     def dir(self) -> Path:
@@ -93,40 +133,56 @@ def load_manifest(source: str | os.PathLike, check_files: bool = True) -> Manife
     Raises FileNotFoundError for a missing manifest or shard file (`check_files`) and DataError
     (a ValueError) for a manifest that does not follow the format; both name the file.
     """
-    path = manifest_path(source)
+    url = source if is_url(source) else None
+    path = Path(url) if url else manifest_path(source)
+    where = url or path
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_url(url) if url else path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(path, f"not JSON ({e})") from None
+        raise _fail(where, f"not JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else None
-        raise _fail(path, f"format is {got!r}, expected {FORMAT!r}")
+        raise _fail(where, f"format is {got!r}, expected {FORMAT!r}")
     for key in ("tokenizer", "dtype", "shards", "total_docs", "total_tokens"):
         if key not in data:
-            raise _fail(path, f"field {key!r} is missing")
+            raise _fail(where, f"field {key!r} is missing")
     tok = data["tokenizer"]
     if not isinstance(tok, dict) or not all(k in tok for k in ("path", "sha256", "vocab_size",
                                                                 "eos_id")):
-        raise _fail(path, "field 'tokenizer' needs path, sha256, vocab_size and eos_id")
+        raise _fail(where, "field 'tokenizer' needs path, sha256, vocab_size and eos_id")
     if data["dtype"] not in DTYPES:
-        raise _fail(path, f"dtype {data['dtype']!r} is not one of {DTYPES}")
+        raise _fail(where, f"dtype {data['dtype']!r} is not one of {DTYPES}")
     if not (0 <= tok["eos_id"] < tok["vocab_size"]):
-        raise _fail(path, f"eos_id {tok['eos_id']} is outside the vocabulary of "
+        raise _fail(where, f"eos_id {tok['eos_id']} is outside the vocabulary of "
                           f"{tok['vocab_size']}")
     shards = data["shards"]
     if not isinstance(shards, list) or not all(
             isinstance(s, dict) and {"file", "docs", "tokens"} <= s.keys() for s in shards):
-        raise _fail(path, "every entry of 'shards' needs file, docs and tokens")
+        raise _fail(where, "every entry of 'shards' needs file, docs and tokens")
     if sum(s["docs"] for s in shards) != data["total_docs"] or \
             sum(s["tokens"] for s in shards) != data["total_tokens"]:
-        raise _fail(path, "total_docs/total_tokens disagree with the shard entries")
-    m = Manifest(path, data)
-    if check_files:
+        raise _fail(where, "total_docs/total_tokens disagree with the shard entries")
+    m = Manifest(path, data, url)
+    if check_files and not url:
         for i, s in enumerate(shards):
             if not m.shard_path(i).is_file():
                 raise FileNotFoundError(f"shard {m.shard_path(i)} listed in {path} is missing; "
                                         f"copy the whole shard directory or {REMAKE}")
     return m
+
+
+def _read_url(url: str) -> bytes:
+    from webdataset.gopen import gopen
+
+    try:
+        with gopen(url, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"data source {url} could not be read ({e}); check the URL or "
+                                f"command and that the manifest exists there") from None
+    if not data:
+        raise FileNotFoundError(f"data source {url} gave no data; check the URL or command")
+    return data
 
 
 def write_manifest(path: Path, data: dict) -> None:

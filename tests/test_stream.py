@@ -1,9 +1,13 @@
 """TokenStream on real shards (stdlib text, real sentencepiece, webdataset tars)."""
+import functools
+import http.server
 import io
 import json
 import shutil
 import sysconfig
 import tarfile
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import torch
 from data_tools.shards import tokenize_files
 from data_tools.tokenizer import train_sentencepiece
 from pretrain.data import TokenStream, check_tokenizer, load_manifest
+from pretrain.data.stream import CorruptShardWarning
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Files of very different sizes, so shards and documents are unequal.
@@ -69,7 +74,7 @@ def test_one_epoch_every_token_once(data, world, workers, S, B):
     got, counts = [], []
     for rank in range(world):
         s = TokenStream(data["a"], S, B, rank=rank, world_size=world, num_workers=workers,
-                        seed=5, max_epochs=1)
+                        seed=5, max_epochs=1, shuffle_tokens=0)
         batches = list(s)
         counts.append(len(batches))
         assert len(batches) == len(s) == s.batches_per_epoch
@@ -93,7 +98,7 @@ def test_one_epoch_every_token_once(data, world, workers, S, B):
 
 
 def test_epochs_reshuffle_shards_and_max_epochs(data):
-    s = TokenStream(data["a"], 64, 2, max_epochs=2, seed=1)
+    s = TokenStream(data["a"], 64, 2, max_epochs=2, seed=1, shuffle_tokens=0)
     batches = list(s)
     n = s.batches_per_epoch
     assert len(batches) == 2 * n and s.epoch == 2
@@ -102,14 +107,15 @@ def test_epochs_reshuffle_shards_and_max_epochs(data):
         ref = reference_epoch(data["a"], 1, epoch)
         assert np.array_equal(rows, np.stack([ref[i * 64:i * 64 + 65] for i in range(len(rows))]))
     assert not np.array_equal(e0, e1)
-    endless = iter(TokenStream(data["a"], 64, 2, seed=1))
+    endless = iter(TokenStream(data["a"], 64, 2, seed=1, shuffle_tokens=0))
     assert sum(1 for _ in zip(range(3 * n), endless)) == 3 * n
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact(data, workers):
+@pytest.mark.parametrize("workers,shuffle", [(0, 0), (2, 0), (0, 700), (2, 700)])
+def test_resume_is_exact(data, workers, shuffle):
+    # shuffle 700: several shuffle buffers per part, cuts fall inside buffers.
     kw = dict(seq_len=48, micro_batch_size=3, rank=1, world_size=2, num_workers=workers,
-              seed=3, max_epochs=2)
+              seed=3, max_epochs=2, shuffle_tokens=shuffle)
     full = list(TokenStream(data["a"], **kw))
     for cut in (0, 1, 5, len(full) // 2 + 1, len(full) - 1):
         s = TokenStream(data["a"], **kw)
@@ -125,23 +131,71 @@ def test_resume_is_exact(data, workers):
             assert torch.equal(x, fx) and torch.equal(y, fy)
 
 
-def test_mixing_follows_weights(data):
-    S, B = 32, 2
-    rows_a = {tuple(r) for r in windows(TokenStream(data["a"], S, B, max_epochs=1))}
-    s = TokenStream([(data["a"], 3.0), (data["b"], 1.0)], S, B)
+def test_mixing_follows_weights_over_10k_batches(data):
+    S, B, n = 16, 1, 10_000
+    kw = dict(seq_len=S, micro_batch_size=B, seed=4, shuffle_tokens=0)
+    # Which source a batch came from, told by its content: a's windows of the epochs it can reach.
+    per_epoch = TokenStream(data["a"], **kw).batches_per_epoch
+    rows_a = set()
+    for epoch in range(n // per_epoch + 2):
+        ref = reference_epoch(data["a"], 4, epoch)
+        rows_a.update(tuple(ref[i * S:i * S + S + 1]) for i in range(per_epoch))
+    mixed = [(data["a"], 3.0), (data["b"], 1.0)]
+    s = TokenStream(mixed, **kw)
     it = iter(s)
-    picks = []
-    for _ in range(400):
-        x, y = next(it)
-        picks.append(tuple(torch.cat([x[0], y[0, -1:]]).tolist()) in rows_a)
-    share = sum(picks) / len(picks)
-    assert abs(share - 0.75) <= 0.01
+    picks = [tuple(torch.cat([x[0], y[0, -1:]]).tolist()) in rows_a
+             for x, y in (next(it) for _ in range(n))]
+    assert abs(sum(picks) / n - 0.75) <= 0.01
+    assert s.stats()["batches_by_source"] == [sum(picks), n - sum(picks)]
+    # Over any 10k-batch window too, and without a fixed period (it would line up with
+    # gradient accumulation): the pattern of 8-batch groups varies.
+    more = [tuple(torch.cat([x[0], y[0, -1:]]).tolist()) in rows_a
+            for x, y in (next(it) for _ in range(1000))]
+    window = (picks + more)[1000:]
+    assert abs(sum(window) / n - 0.75) <= 0.01
+    assert len({tuple(picks[i:i + 8]) for i in range(0, 800, 8)}) > 5
+    # Seeded: another seed picks another order with the same proportions; resume is exact.
+    other = iter(TokenStream(mixed, **{**kw, "seed": 5}))
+    assert [next(other)[0].sum() for _ in range(64)] != [0] * 64
     sd = s.state_dict()
-    again = TokenStream([(data["a"], 3.0), (data["b"], 1.0)], S, B)
+    again = TokenStream(mixed, **kw)
     again.load_state_dict(sd)
     x1, _ = next(iter(again))
     x2, _ = next(it)
     assert torch.equal(x1, x2)
+
+
+def test_shuffle_buffer_mixes_documents_within_buffers(data):
+    S, B, K = 64, 4, 6000
+    ref = reference_epoch(data["a"], 7, 0)
+    ends = np.flatnonzero(ref == EOS) + 1
+    doc_spans = list(zip(np.concatenate([[0], ends[:-1]]), ends))   # (start, end) incl. EOS
+    whole = 0
+    for rank in range(2):
+        s = TokenStream(data["a"], S, B, rank=rank, world_size=2, seed=7, max_epochs=1,
+                        shuffle_tokens=K)
+        rows = windows(list(s))
+        part = np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])   # the part's token stream
+        n = part.size
+        begin = rank * s.batches_per_part[0] * B * S
+        want = ref[begin:begin + n]
+        assert n == s.batches_per_part[0] * B * S + 1 and not np.array_equal(part, want)
+        for lo in range(0, n, K):                  # each buffer holds exactly its own tokens
+            assert np.array_equal(np.sort(part[lo:lo + K]), np.sort(want[lo:lo + K]))
+            # A document (with its EOS) wholly inside the buffer comes out in one piece.
+            docs = [(a, b) for a, b in doc_spans
+                    if begin + lo <= a and b <= begin + min(lo + K, n) and b - a > 3]
+            text = part[lo:lo + K].tobytes()
+            assert all(ref[a:b].tobytes() in text for a, b in docs)
+            whole += len(docs)
+    assert whole >= 4
+    again = windows(TokenStream(data["a"], S, B, world_size=2, seed=7, max_epochs=1,
+                                shuffle_tokens=K))
+    reseeded = windows(TokenStream(data["a"], S, B, world_size=2, seed=8, max_epochs=1,
+                                   shuffle_tokens=K))
+    first = windows(TokenStream(data["a"], S, B, world_size=2, seed=7, max_epochs=1,
+                                shuffle_tokens=K))
+    assert np.array_equal(first, again) and not np.array_equal(first, reseeded)
 
 
 def test_clear_errors(data, tmp_path):
@@ -176,12 +230,83 @@ def test_mixing_needs_one_tokenizer(data):
         TokenStream([(data["a"], 1), (d / "b-other", 1)], 16, 2)
 
 
-def test_truncated_shard_is_named(data, tmp_path):
-    cut = tmp_path / "cut"
-    shutil.copytree(data["a"], cut)
-    m = load_manifest(cut)
-    shard = m.shard_path(0)
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    s = TokenStream(cut, 64, 4, max_epochs=1, seed=0)
-    with pytest.raises(ValueError, match="shard-000000.tar|fewer tokens"):
-        list(s)
+def _damaged_copy(src, dst, how):
+    shutil.copytree(src, dst)
+    m = load_manifest(dst)
+    shard = m.shard_path(1)
+    raw = shard.read_bytes()
+    if how == "truncated":
+        shard.write_bytes(raw[: len(raw) // 3])
+    else:  # garbage over the middle of the shard
+        mid = len(raw) // 2
+        shard.write_bytes(raw[:mid] + b"\x5a" * 2048 + raw[mid + 2048:])
+    return shard
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_warns_counts_and_goes_on(data, tmp_path, how, workers):
+    shard = _damaged_copy(data["a"], tmp_path / "bad", how)
+    counts, corrupt, seen = [], 0, []
+    for rank in range(2):
+        s = TokenStream(tmp_path / "bad", 32, 2, rank=rank, world_size=2, num_workers=workers,
+                        max_epochs=2, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = list(s)
+        seen += [str(w.message) for w in caught if w.category is CorruptShardWarning]
+        counts.append(len(batches))
+        assert len(batches) == len(s)       # the full number of batches: no rank runs short
+        st = s.stats()
+        corrupt += st["corrupt_shards"]
+        assert st["corrupt_shard_files"] == [str(shard)] * st["corrupt_shards"]
+        assert st["tokens"] == len(batches) * 64 and st["data_wait_s"] > 0
+    assert counts[0] == counts[1]
+    assert corrupt == len(seen) >= 1 and all(shard.name in m for m in seen)
+    with pytest.raises(ValueError, match=shard.name):
+        list(TokenStream(tmp_path / "bad", 32, 2, max_epochs=2, on_corrupt="raise"))
+
+
+def test_equal_batches_per_rank_with_very_unequal_shards(data, tmp_path):
+    # One 230 kB document beside a few tiny ones: shards of very different sizes.
+    src = tmp_path / "uneven.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n"
+                           for t in _texts(["this.py", "_pydecimal.py", "keyword.py", "token.py"])))
+    tokenize_files([src], data["model"], tmp_path / "u", shard_tokens=500, progress=False)
+    sizes = [s["tokens"] for s in load_manifest(tmp_path / "u").shards]
+    assert max(sizes) > 50 * min(sizes)
+    for world, workers in ((2, 0), (3, 2), (4, 0)):
+        lengths = [len(list(TokenStream(tmp_path / "u", 128, 2, rank=r, world_size=world,
+                                        num_workers=workers, max_epochs=1, seed=r)))
+                   for r in range(world)]
+        assert len(set(lengths)) == 1 and lengths[0] > 0
+
+
+def test_remote_shards_through_pipe_and_http(data, tmp_path):
+    kw = dict(seq_len=32, micro_batch_size=2, max_epochs=1, seed=2, shuffle_tokens=500)
+    local = windows(TokenStream(data["a"], **kw))
+    piped = windows(TokenStream(f"pipe:cat {data['a']}/manifest.json", **kw))
+    assert np.array_equal(local, piped)
+    # A shard missing on the remote side: warned about, counted and skipped like a corrupt one.
+    gone = tmp_path / "gone"
+    shutil.copytree(data["a"], gone)
+    (gone / "shard-000001.tar").unlink()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        shutil.copytree(data["a"], tmp_path / "a")
+        assert np.array_equal(local, windows(TokenStream(f"{base}/a/manifest.json", **kw)))
+        s = TokenStream(f"{base}/gone/manifest.json", **kw)
+        with pytest.warns(CorruptShardWarning, match="gone/shard-000001.tar"):
+            assert len(list(s)) == len(local) // 2 == len(s)
+        assert s.stats()["corrupt_shards"] == 1
+    finally:
+        server.shutdown()
+    s = TokenStream(f"pipe:cat {gone}/manifest.json", **kw)
+    with pytest.warns(CorruptShardWarning, match="shard-000001.tar"):
+        assert len(list(s)) == len(local) // 2
+    with pytest.raises(FileNotFoundError, match="nonexistent"):
+        TokenStream("pipe:cat /nonexistent/manifest.json", **kw)

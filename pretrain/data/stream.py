@@ -9,15 +9,34 @@ contiguous windows [p * nb * B, (p + 1) * nb * B); what is left over (fewer than
 is dropped. A batch of B consecutive windows is one contiguous run of B * seq_len + 1 tokens,
 so batching is a reshape, and a part reads only the shards its token range touches.
 
+Shuffle buffer: with shuffle_tokens K > 0 each part's token range is cut into consecutive
+buffers of K tokens, and the document pieces inside a buffer (a document crossing a buffer's edge
+is cut there) are emitted in an order drawn from a counter-based RNG keyed by (seed, source,
+epoch, part, buffer). The tokens of a part, and so the layout above, do not change; only their
+order within a buffer does.
+
+Mixing: sources are picked batch by batch by smooth weighted round robin, whose allocation is
+then shuffled within blocks of MIX_BLOCK batches by a seeded RNG (no fixed period that could
+line up with gradient accumulation; after n batches each source's count is within MIX_BLOCK of
+weight * n, and within one batch at block boundaries).
+
 Position state is one number, the batches this rank has yielded; everything else (epoch, shard
-order, token offset) follows from it and the manifests, so state_dict() is tiny and resume is
-exact, with or without DataLoader workers (see `_WorkerPart`).
+order, token offset, shuffle buffer, its RNG key, mixing schedule) follows from it and the
+manifests, so resume is exact, with or without DataLoader workers (see `_WorkerPart`).
+state_dict() also lists each worker's derived cursor (shard, offset, buffer) for logs and checks.
+
+Corrupt or truncated shards (and remote reads that fail) are reported as a CorruptShardWarning
+naming the shard and counted in stats(); the part goes on with the next shard of the epoch's
+order (wrapping around), so every rank still yields its full number of batches. With
+on_corrupt="raise" the stream raises DataError instead.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +48,14 @@ from data_tools.errors import DataError
 from data_tools.manifest import Manifest, load_manifest
 from data_tools.reader import iter_shard_docs
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+MIX_BLOCK = 64                    # batches whose source order is shuffled together
+DEFAULT_SHUFFLE_TOKENS = 1 << 22  # tokens per shuffle buffer (8 MiB of uint16 per worker)
+_SHUFFLE_KEY, _MIX_KEY = 0x5348, 0x4D49   # keep the RNG streams of order, shuffle, mix apart
+
+
+class CorruptShardWarning(RuntimeWarning):
+    """A shard could not be read completely; the stream skipped the rest of it."""
 
 
 class _Source:
@@ -37,8 +63,9 @@ class _Source:
 
     def __init__(self, manifest: Manifest, weight: float, index: int):
         self.manifest, self.weight, self.index = manifest, float(weight), index
-        self.paths = [manifest.shard_path(i) for i in range(len(manifest.shards))]
+        self.locations = [manifest.shard_location(i) for i in range(len(manifest.shards))]
         self.dtype = np.dtype(manifest.dtype)
+        self.vocab_size = manifest.vocab_size
         # Packed length of each shard: its tokens plus one EOS per document.
         self.packed = np.array([s["tokens"] + s["docs"] for s in manifest.shards], dtype=np.int64)
         self.length = int(self.packed.sum())
@@ -52,25 +79,55 @@ class _Source:
         nb = windows // (parts * batch)
         if nb == 0:
             raise DataError(
-                f"{self.manifest.path} holds {self.length:,} packed tokens, too few for one batch "
+                f"{self.manifest.name} holds {self.length:,} packed tokens, too few for one batch "
                 f"of {batch} x {seq_len} tokens for each of {parts} rank/worker part(s); use a "
                 f"smaller data.seq_len or data.micro_batch_size, fewer ranks/workers, or more data")
         return nb
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, self.index, epoch]).permutation(len(self.paths))
+        return np.random.default_rng([seed, self.index, epoch]).permutation(len(self.locations))
 
-    def packed_from(self, seed: int, epoch: int, start: int, eos: int) -> Iterator[np.ndarray]:
-        """The epoch's packed stream (documents + EOS) from packed position `start` on."""
+    def packed_from(self, seed: int, epoch: int, start: int, eos: int, events: list,
+                    on_corrupt: str = "skip") -> Iterator[np.ndarray]:
+        """The epoch's packed stream (documents + EOS) from packed position `start` on.
+
+        A shard that fails to read (or holds fewer tokens than the manifest says) is recorded
+        in `events` as (location, message) and skipped; the stream continues with the next shard
+        of the order, wrapping around, so it never runs dry before every shard has failed.
+        """
         order = self.order(seed, epoch)
         ends = np.cumsum(self.packed[order])
         first = int(np.searchsorted(ends, start, side="right"))
         offset = start - (int(ends[first]) - int(self.packed[order[first]]))
         eos_arr = np.array([eos], dtype=self.dtype)
-        for shard in order[first:]:
-            for pos, doc in iter_shard_docs(self.paths[shard], self.dtype, offset, 1):
-                piece = np.concatenate([doc, eos_arr])
-                yield piece[offset - pos:] if pos < offset else piece
+        bad: set[int] = set()
+        i = first
+        while True:
+            shard = int(order[i % len(order)])
+            i += 1
+            if shard in bad:
+                if len(bad) == len(order):
+                    raise DataError(f"every shard of {self.manifest.name} failed to read; check "
+                                    f"the files (python -m data_tools verify) or the URLs")
+                continue
+            loc = self.locations[shard]
+            end = 0
+            try:
+                for pos, doc in iter_shard_docs(loc, self.dtype, offset, 1):
+                    if doc.size and int(doc.max()) >= self.vocab_size:
+                        raise DataError(f"shard {loc} is corrupt: token id {int(doc.max())} is "
+                                        f"outside the vocabulary of {self.vocab_size}")
+                    piece = np.concatenate([doc, eos_arr])
+                    end = pos + piece.size
+                    yield piece[offset - pos:] if pos < offset else piece
+                if end < self.packed[shard]:
+                    raise DataError(f"shard {loc} holds fewer tokens than {self.manifest.name} "
+                                    f"lists; re-make it with `python -m data_tools tokenize`")
+            except (DataError, OSError) as e:
+                if on_corrupt == "raise":
+                    raise DataError(str(e)) from None
+                events.append((loc, str(e)))
+                bad.add(shard)
             offset = 0
 
 
@@ -98,16 +155,22 @@ class _Packer:
         return flat[:n]
 
 
-def _schedule(weights: Sequence[float]) -> Iterator[int]:
-    """Which source each batch comes from: smooth weighted round robin (deterministic; after
-    n batches every source's share is within one batch of weight * n)."""
+def _schedule(weights: Sequence[float], seed: int, start: int = 0) -> Iterator[int]:
+    """Which source each batch comes from, from batch `start` on (see the module docstring)."""
     w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     credit = np.zeros_like(w)
+    block = 0
     while True:
-        credit += w
-        k = int(np.argmax(credit))
-        credit[k] -= 1.0
-        yield k
+        picks = np.empty(MIX_BLOCK, dtype=np.int64)
+        for i in range(MIX_BLOCK):
+            credit += w
+            k = int(np.argmax(credit))
+            credit[k] -= 1.0
+            picks[i] = k
+        if (block + 1) * MIX_BLOCK > start:
+            picks = np.random.default_rng([seed, _MIX_KEY, block]).permutation(picks)
+            yield from (int(k) for k in picks[max(0, start - block * MIX_BLOCK):])
+        block += 1
 
 
 def _parse_sources(source) -> list[tuple[object, float]]:
@@ -133,16 +196,22 @@ def _parse_sources(source) -> list[tuple[object, float]]:
 class TokenStream:
     """Batches (input_ids, labels), LongTensors (B, seq_len), from packed token shards.
 
-    source: a shard directory, its manifest.json, or a list of (source, weight) to mix (batch by
-    batch, in proportion to the weights; all sources must share one tokenizer).
+    source: a shard directory, its manifest.json, a webdataset URL of a manifest.json
+    (`https://host/dir/manifest.json`, `pipe:aws s3 cp s3://b/d/manifest.json -`; shards are
+    read from beside it), or a list of (source, weight) to mix (batch by batch, in proportion to
+    the weights; all sources must share one tokenizer).
     Over one epoch of a single source every token is yielded once across all ranks and workers,
     and every rank yields the same number of batches. max_epochs None: never ends; otherwise the
     stream ends after that many epochs (of the first source to complete them, when mixing).
+    shuffle_tokens: size of the document shuffle buffer in tokens (0: documents in shard order).
+    on_corrupt: "skip" (warn, count in stats(), go on with the next shard) or "raise".
     """
 
     def __init__(self, source, seq_len: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 max_epochs: int | None = None, pin_memory: bool = False):
+                 max_epochs: int | None = None, pin_memory: bool = False, *,
+                 shuffle_tokens: int = DEFAULT_SHUFFLE_TOKENS, on_corrupt: str = "skip",
+                 prefetch_factor: int | None = None):
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) "
                              f"must be positive")
@@ -150,10 +219,15 @@ class TokenStream:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if num_workers < 0 or (max_epochs is not None and max_epochs < 1):
             raise ValueError("num_workers must be >= 0 and max_epochs None or >= 1")
+        if shuffle_tokens < 0:
+            raise ValueError(f"shuffle_tokens ({shuffle_tokens}) must be >= 0 (0: no shuffle)")
+        if on_corrupt not in ("skip", "raise"):
+            raise ValueError(f"on_corrupt is {on_corrupt!r}; use 'skip' or 'raise'")
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_workers, self.seed, self.max_epochs = int(num_workers), int(seed), max_epochs
-        self.pin_memory = pin_memory
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.shuffle_tokens, self.on_corrupt = int(shuffle_tokens), on_corrupt
         self.workers = max(1, self.num_workers)      # parts per rank
         self.parts = self.world_size * self.workers
         self.sources = [_Source(m if isinstance(m, Manifest) else load_manifest(m), w, i)
@@ -161,12 +235,14 @@ class TokenStream:
         first = self.sources[0].manifest
         for s in self.sources[1:]:
             if s.manifest.data["tokenizer"]["sha256"] != first.data["tokenizer"]["sha256"]:
-                raise DataError(f"{s.manifest.path} and {first.path} were made with different "
+                raise DataError(f"{s.manifest.name} and {first.name} were made with different "
                                 f"tokenizers; mix only shard sets made with the same one")
         self.vocab_size, self.eos_id = first.vocab_size, first.eos_id
         self.batches_per_part = [s.layout(self.seq_len, self.micro_batch_size, self.parts)
                                  for s in self.sources]
         self._batches = 0  # batches this rank has yielded: the whole position state
+        self._stats = {"corrupt_shards": 0, "corrupt_shard_files": [], "data_wait_s": 0.0,
+                       "batches_by_source": [0] * len(self.sources)}
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -189,15 +265,67 @@ class TokenStream:
             raise TypeError("an endless TokenStream (max_epochs=None) has no length")
         return self._local_limit() * self.workers
 
+    # ---- metrics -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters of this rank's stream since construction, for the trainer's metrics.
+
+        batches, tokens: yielded so far (tokens = batches * B * seq_len);
+        corrupt_shards: shard reads that failed and were skipped (each also warned about);
+        corrupt_shard_files: the first 10 of them; batches_by_source: per mixed source;
+        data_wait_s: seconds the consumer spent waiting inside next() for a batch.
+        """
+        out = dict(self._stats, batches=self._batches,
+                   tokens=self._batches * self.tokens_per_batch)
+        out["corrupt_shard_files"] = list(out["corrupt_shard_files"])
+        out["batches_by_source"] = list(out["batches_by_source"])
+        return out
+
+    def _record(self, source: int, events) -> None:
+        self._batches += 1
+        self._stats["batches_by_source"][source] += 1
+        for loc, message in events:
+            self._stats["corrupt_shards"] += 1
+            if len(self._stats["corrupt_shard_files"]) < 10:
+                self._stats["corrupt_shard_files"].append(loc)
+            warnings.warn(f"skipped the rest of shard {loc}: {message}", CorruptShardWarning,
+                          stacklevel=3)
+
     # ---- state ---------------------------------------------------------------------------
     def _layout_key(self) -> dict:
         return {"seq_len": self.seq_len, "micro_batch_size": self.micro_batch_size,
                 "world_size": self.world_size, "workers": self.workers, "seed": self.seed,
+                "shuffle_tokens": self.shuffle_tokens,
                 "sources": [[s.fingerprint, s.weight] for s in self.sources]}
+
+    def _cursors(self) -> list[dict]:
+        """Where each logical worker of this rank reads next, per source (derived, for logs)."""
+        W, BS = self.workers, self.tokens_per_batch
+        out = []
+        for w in range(W):
+            done = max(0, -(-(self._batches - w) // W))
+            counts = self._local_counts(done)
+            part = self.rank * W + w
+            per_source = []
+            for k, src in enumerate(self.sources):
+                epoch, j = divmod(counts[k], self.batches_per_part[k])
+                offset = j * BS
+                begin = part * self.batches_per_part[k] * BS
+                order = src.order(self.seed, epoch)
+                ends = np.cumsum(src.packed[order])
+                at = int(np.searchsorted(ends, begin + offset, side="right"))
+                cur = {"source": k, "epoch": epoch, "part_offset": offset,
+                       "shard": src.manifest.shards[int(order[at])]["file"],
+                       "shard_offset": begin + offset - int(ends[at] - src.packed[order[at]])}
+                if self.shuffle_tokens:
+                    cur["buffer"] = offset // self.shuffle_tokens
+                    cur["rng_key"] = [self.seed, k, epoch, part, cur["buffer"], _SHUFFLE_KEY]
+                per_source.append(cur)
+            out.append({"worker": w, "batches": done, "sources": per_source})
+        return out
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "batches": self._batches, "epoch": self.epoch,
-                "rank": self.rank, "layout": self._layout_key()}
+                "rank": self.rank, "layout": self._layout_key(), "cursors": self._cursors()}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("version") != STATE_VERSION:
@@ -209,8 +337,12 @@ class TokenStream:
             raise ValueError(
                 f"the saved data position does not fit this stream: {', '.join(diff)} changed "
                 f"(saved {[sd['layout'].get(k) for k in diff]}, now {[mine[k] for k in diff]}); "
-                f"resume with the same data, seq_len, batch size, world size, workers and seed")
+                f"resume with the same data, seq_len, batch size, world size, workers, seed "
+                f"and shuffle buffer")
         self._batches = int(sd["batches"])
+        if "cursors" in sd and sd["cursors"] != self._cursors():
+            raise ValueError("the saved data position disagrees with the shard layout it should "
+                             "follow from; the data changed since the checkpoint")
 
     # ---- iteration -------------------------------------------------------------------------
     def _local_counts(self, local: int) -> list[int]:
@@ -219,7 +351,7 @@ class TokenStream:
         if len(self.sources) == 1:
             counts[0] = local
             return counts
-        sched = _schedule([s.weight for s in self.sources])
+        sched = _schedule([s.weight for s in self.sources], self.seed)
         for _ in range(local):
             counts[next(sched)] += 1
         return counts
@@ -232,50 +364,88 @@ class TokenStream:
             return self.max_epochs * self.batches_per_part[0]
         counts = [0] * len(self.sources)
         n = 0
-        for k in _schedule([s.weight for s in self.sources]):
+        for k in _schedule([s.weight for s in self.sources], self.seed):
             if counts[k] >= self.max_epochs * self.batches_per_part[k]:
                 return n
             counts[k] += 1
             n += 1
 
-    def _iter_part(self, part: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of one part (rank * W + worker), from its local batch index `start` on."""
+    def _part_chunks(self, k: int, epoch: int, part: int, offset: int,
+                     events: list) -> Iterator[np.ndarray]:
+        """Source k's tokens for `part` in `epoch`, from token `offset` of the part on."""
+        src, nb = self.sources[k], self.batches_per_part[k]
+        begin = part * nb * self.tokens_per_batch
+        K = self.shuffle_tokens
+        if not K:
+            yield from src.packed_from(self.seed, epoch, begin + offset, self.eos_id, events,
+                                       self.on_corrupt)
+            return
+        n = nb * self.tokens_per_batch + 1        # the part's tokens, incl. the last label
+        b = offset // K
+        skip = offset - b * K
+        chunks = src.packed_from(self.seed, epoch, begin + b * K, self.eos_id, events,
+                                 self.on_corrupt)
+        carry = None
+        while b * K < n:
+            size = min(K, n - b * K)
+            pieces, have = [], 0
+            while have < size:
+                c = carry if carry is not None else next(chunks)
+                carry = None
+                if have + c.size > size:           # a document crossing the buffer's edge
+                    c, carry = c[:size - have], c[size - have:]
+                pieces.append(c)
+                have += c.size
+            rng = np.random.default_rng([self.seed, k, epoch, part, b, _SHUFFLE_KEY])
+            block = np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
+            yield block[skip:]
+            skip = 0
+            b += 1
+
+    def _iter_part(self, part: int, start: int):
+        """(input_ids, labels, source, corrupt events) of one part (rank * W + worker), from
+        its local batch index `start` on."""
         B, S = self.micro_batch_size, self.seq_len
         limit = self._local_limit()
         counts = self._local_counts(start)
-        sched = _schedule([s.weight for s in self.sources])
-        for _ in range(start):
-            next(sched)
+        sched = _schedule([s.weight for s in self.sources], self.seed, start)
         packers: dict[int, tuple[int, _Packer]] = {}
+        events: list = []
         local = start
         while limit is None or local < limit:
             k = next(sched) if len(self.sources) > 1 else 0
             src, nb = self.sources[k], self.batches_per_part[k]
             epoch, j = divmod(counts[k], nb)
             if k not in packers or packers[k][0] != epoch:
-                begin = (part * nb + j) * B * S
-                chunks = src.packed_from(self.seed, epoch, begin, self.eos_id)
-                packers[k] = (epoch, _Packer(chunks, str(src.manifest.path)))
+                chunks = self._part_chunks(k, epoch, part, j * B * S, events)
+                packers[k] = (epoch, _Packer(chunks, src.manifest.name))
             run = packers[k][1].take(B * S + 1)
             t = torch.from_numpy(run.astype(np.int64))
-            if self.pin_memory:
-                t = t.pin_memory()
-            yield t[:-1].view(B, S), t[1:].view(B, S)
+            yield t[:-1].view(B, S), t[1:].view(B, S), k, tuple(events)
+            events.clear()
             counts[k] += 1
             local += 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0:
-            for batch in self._iter_part(self.rank, self._batches):
-                self._batches += 1
-                yield batch
-            return
-        loader = torch.utils.data.DataLoader(
-            _WorkerPart(self, self._batches), batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=False)
-        for batch in loader:
-            self._batches += 1
-            yield batch
+            batches = self._iter_part(self.rank, self._batches)
+        else:
+            kw = {} if self.prefetch_factor is None else {"prefetch_factor": self.prefetch_factor}
+            batches = torch.utils.data.DataLoader(
+                _WorkerPart(self, self._batches), batch_size=None, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, persistent_workers=False, **kw)
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                x, y, k, events = next(it)
+            except StopIteration:
+                return
+            if self.pin_memory and self.num_workers == 0:
+                x, y = x.pin_memory(), y.pin_memory()
+            self._stats["data_wait_s"] += time.perf_counter() - t0
+            self._record(k, events)
+            yield x, y
 
 
 class _WorkerPart(torch.utils.data.IterableDataset):
