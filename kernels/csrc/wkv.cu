@@ -35,6 +35,7 @@ const char* wkv_dtype_name() { return "float32"; }
 
 #define NTHREADS 128
 #define U 16
+#define NSCAN 32  // threads per block of the scans (one per channel)
 #define SB 8     // scans: loads of SB steps issued together
 #define UB 4     // k_bwd_local: inputs come from shared memory, few registers buffered
 
@@ -261,7 +262,7 @@ cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
   const WkvGeo& g = A.g;
   dim3 blk(NTHREADS);
   dim3 grid_chunks((g.C + NTHREADS - 1) / NTHREADS, g.NC, g.B);
-  dim3 grid_scan((g.C + NTHREADS - 1) / NTHREADS, g.B);
+  dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
   const int sm2 = 2 * TILE * sizeof(in_t);
   static bool attr = false;
   if (!attr) {
@@ -270,14 +271,14 @@ cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
     attr = true;
   }
   k_fwd_local<<<grid_chunks, blk, sm2, stream>>>(A);
-  k_fwd_scan<<<grid_scan, blk, 0, stream>>>(A);
+  k_fwd_scan<<<grid_scan, dim3(NSCAN), 0, stream>>>(A);
   k_fwd_out<<<grid_chunks, blk, sm2, stream>>>(A);
   return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------- backward
 // Forward quantities of token t given the state before it: m (shared max), den, y.
-struct TokOut { float m, den, y; };
+struct TokOut { float m, den, y, eu; };   // eu = exp(u + k - m)
 __device__ __forceinline__ TokOut tok_out(float a, float bb, float p, float k, float v, float u,
                                           float mA, float mB, float mP) {
   TokOut o;
@@ -287,6 +288,7 @@ __device__ __forceinline__ TokOut tok_out(float a, float bb, float p, float k, f
   const float num = e1 * a + e2 * v + em * mA;
   o.den = e1 * bb + e2 + em * mB;
   o.y = dv(num, o.den);
+  o.eu = e2;
   return o;
 }
 
@@ -399,18 +401,33 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
     float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;   // adjoint of the medium state before segment r + 1
     if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
     float acc = 0.f;
-    for (int r = g.J - 1; r >= 0; r--) {
+    for (int r0 = g.J - 1; r0 >= 0; r0 -= SB) {
+    // Loads of SB segments issued together (independent of the recurrence).
+    float kk_[SB], vv_[SB], xa_[SB], xb_[SB], xp_[SB], sa_[SB], sb_[SB], sp_[SB];
+#pragma unroll
+    for (int i = 0; i < SB; i++)
+      if (r0 - i >= 0) {
+        const size_t o = ((size_t)b * g.J + r0 - i) * g.C + c;
+        kk_[i] = A.mk[o]; vv_[i] = A.mv[o];
+        xa_[i] = A.ms_a[o]; xb_[i] = A.ms_b[o]; xp_[i] = A.ms_p[o];
+        if (g.s <= WKV_CH) {
+          const size_t os = ((size_t)b * g.npiece + r0 - i) * g.C + c;
+          sa_[i] = A.s_a[os]; sb_[i] = A.s_b[os]; sp_[i] = A.s_p[os];
+        }
+      }
+#pragma unroll
+    for (int i = 0; i < SB; i++) {
+      const int r = r0 - i;
+      if (r < 0) break;
       const size_t o = ((size_t)b * g.J + r) * g.C + c;
-      const float kk = A.mk[o], vv = A.mv[o];
       const float Mc = cur_p(Mp, Mn, wm);
-      const float e = ex(kk + Mc);
+      const float e = ex(kk_[i] + Mc);
       A.gmv[o] = Ma * e;
-      A.gmk[o] = (vv * Ma + Mb) * e;
-      acc += (A.ms_a[o] * Ma + A.ms_b[o] * Mb) * ex(A.ms_p[o] + Mc - wm);
+      A.gmk[o] = (vv_[i] * Ma + Mb) * e;
+      acc += (xa_[i] * Ma + xb_[i] * Mb) * ex(xp_[i] + Mc - wm);
       Mn += 1.f;
       if (g.s <= WKV_CH) {
-        const size_t os = ((size_t)b * g.npiece + r) * g.C + c;
-        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, A.s_a[os], A.s_b[os], A.s_p[os]);
+        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, sa_[i], sb_[i], sp_[i]);
       } else {
         const int n0 = wkv_max(r * g.nsub - g.c_first, 0);
         const int n1 = wkv_min((r + 1) * g.nsub - g.c_first, g.NC);
@@ -421,6 +438,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
       }
       if (r == g.complete)
         dec_add(Ma, Mb, Mp, Mn, wm, 0.f, ld_or(A.gmaT, bc, 0.f), ld_or(A.gmbT, bc, 0.f), -A.mpT[bc]);
+    }
     }
     Mp = cur_p(Mp, Mn, wm);
     const float ma0 = ld_or(A.ma, bc, 0.f), mb0 = ld_or(A.mb, bc, 0.f);
@@ -463,7 +481,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
       const size_t om = ((size_t)b * g.J + r) * g.C + c;
       mA = A.ms_a[om]; mB = A.ms_b[om]; mP = A.ms_p[om];
     }
-    float ta[WKV_SUB], tbb[WKV_SUB], tp[WKV_SUB], tm[WKV_SUB], tgn[WKV_SUB], ty[WKV_SUB];
+    float ta[WKV_SUB], tbb[WKV_SUB], tp[WKV_SUB], tm[WKV_SUB], tgn[WKV_SUB], ty[WKV_SUB], tgx[WKV_SUB];
     const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
     float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss], pn = 0.f;
 #pragma unroll
@@ -477,7 +495,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
         const float pc = cur_p(p, pn, w);
         const TokOut q = tok_out(a, bb, pc, KB(i), VB(i), u, mA, mB, mP);
         ta[i] = a; tbb[i] = bb; tp[i] = pc;
-        tm[i] = q.m; tgn[i] = dv(GB(i), q.den); ty[i] = q.y;
+        tm[i] = q.m; tgn[i] = dv(GB(i), q.den); ty[i] = q.y; tgx[i] = q.eu * tgn[i];
         dec_add(a, bb, p, pn, w, 1.f, VB(i), 1.f, KB(i));
         pos++;
       }
@@ -488,7 +506,7 @@ __global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
       if (t < t1) {
         // (ga, gb, gq): adjoint of the token state after t (A_{t+1}, B_{t+1}).
         const float gc = cur_p(gq, gn_, w);
-        const float x = ex(u + KB(i) - tm[i]) * tgn[i];
+        const float x = tgx[i];
         const float ek = ex(KB(i) + gc);
         const float dy = VB(i) - ty[i];
         st(gv + (size_t)t * g.C, x + ek * ga);
@@ -528,7 +546,7 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   dim3 blk(NTHREADS);
   const int cb = (g.C + NTHREADS - 1) / NTHREADS;
   dim3 grid_chunks(cb, g.NC, g.B);
-  dim3 grid_scan(cb, g.B);
+  dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
   const int sm3 = 3 * TILE * sizeof(in_t);
   static bool attr = false;
   if (!attr) {
@@ -537,8 +555,8 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
     attr = true;
   }
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
-  k_bwd_scan<<<grid_scan, blk, 0, stream>>>(A);
+  k_bwd_scan<<<grid_scan, dim3(NSCAN), 0, stream>>>(A);
   k_bwd_out<<<grid_chunks, blk, sm3, stream>>>(A);
-  k_bwd_reduce<<<dim3(cb), blk, 0, stream>>>(A);
+  k_bwd_reduce<<<dim3((g.C + NSCAN - 1) / NSCAN), dim3(NSCAN), 0, stream>>>(A);
   return cudaGetLastError();
 }
