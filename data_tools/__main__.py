@@ -1,4 +1,4 @@
-"""python -m data_tools {train-tokenizer, tokenize, inspect} — see data_tools/__init__.py."""
+"""python -m data_tools {train-tokenizer, tokenize, inspect, verify, merge, import-binidx}."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--special-tokens", nargs="*", default=[], help="extra user-defined symbols")
 
     k = sub.add_parser("tokenize", help="tokenize documents into webdataset shards + manifest.json")
-    k.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl(.gz/.zst) files or dirs")
+    k.add_argument("--input", nargs="+", required=True,
+                   help=".txt / .jsonl(.gz/.zst) / .parquet files, directories or glob patterns")
     k.add_argument("--tokenizer", required=True, help="sentencepiece .model or HF tokenizer.json")
     k.add_argument("--output", required=True, help="output directory")
     k.add_argument("--workers", type=int, default=1)
@@ -36,6 +37,34 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--unit-mb", type=float, default=16,
                    help="input MB per work unit; the output depends on it, not on --workers")
     k.add_argument("--overwrite", action="store_true", help="replace a finished shard set in --output")
+    k.add_argument("--slice", default=None, metavar="I/N",
+                   help="tokenize only slice I of N of the work units (an array job's task) into "
+                        "OUTPUT/slices/I-of-N; combine them with merge")
+    k.add_argument("--merge-when-complete", action="store_true",
+                   help="with --slice: the task that finishes last merges all slices into OUTPUT")
+    k.add_argument("--log-every", type=float, default=30.0,
+                   help="seconds between progress lines when stderr is not a terminal")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+
+    v = sub.add_parser("verify", help="check shard files, sha256 and counts against the manifest")
+    v.add_argument("dir", help="shard directory or manifest.json")
+    v.add_argument("--no-hash", action="store_true", help="skip the sha256 of each shard")
+    v.add_argument("--workers", type=int, default=2)
+
+    g = sub.add_parser("merge", help="combine the manifests of separately produced shard sets")
+    g.add_argument("inputs", nargs="+", help="shard directories, in the order to list them")
+    g.add_argument("--output", required=True, help="directory for the combined manifest.json")
+    g.add_argument("--overwrite", action="store_true")
+
+    b = sub.add_parser("import-binidx", help="convert a Megatron/GPT-NeoX .bin/.idx dataset")
+    b.add_argument("--input", required=True, help="PREFIX of PREFIX.bin and PREFIX.idx")
+    b.add_argument("--tokenizer", required=True, help="the tokenizer the data was made with")
+    b.add_argument("--output", required=True, help="output directory")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (about)")
+    b.add_argument("--keep-trailing-eos", action="store_true",
+                   help="keep an EOS that ends a document (the loader adds one itself)")
+    b.add_argument("--eos-token", default=None, help="end-of-document token of the tokenizer")
 
     i = sub.add_parser("inspect", help="statistics, length histogram and decoded samples")
     i.add_argument("dir", help="shard directory or manifest.json")
@@ -64,13 +93,57 @@ def main(argv=None) -> int:
         elif args.command == "tokenize":
             from .shards import DEFAULT_SHARD_TOKENS, tokenize_files
 
-            result = tokenize_files(args.input, args.tokenizer, args.output, workers=args.workers,
+            output, part = args.output, None
+            if args.slice:
+                from .merge import slice_dir
+
+                try:
+                    i, n = (int(x) for x in args.slice.split("/"))
+                except ValueError:
+                    raise DataError(f"--slice {args.slice}: write it as I/N, e.g. 3/16") from None
+                part = (i, n)
+                output = slice_dir(args.output, i, n)
+            result = tokenize_files(args.input, args.tokenizer, output, workers=args.workers,
                                     shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
                                     text_key=args.text_key, max_doc_tokens=args.max_doc_tokens,
                                     strict=args.strict, eos_token=args.eos_token,
                                     overwrite=args.overwrite,
-                                    unit_bytes=int(args.unit_mb * (1 << 20)))
+                                    unit_bytes=int(args.unit_mb * (1 << 20)),
+                                    progress=False if args.no_progress else None,
+                                    log_every=args.log_every, slice=part)
             print(result.summary(args.text_key))
+            if part and args.merge_when_complete:
+                from .merge import merge_if_complete
+
+                merged = merge_if_complete(args.output, part[1])
+                if merged:
+                    print(f"merged {part[1]} slice(s) into {args.output}: "
+                          f"{merged['total_docs']:,} documents, {merged['total_tokens']:,} "
+                          f"tokens in {len(merged['shards'])} shard(s)")
+        elif args.command == "verify":
+            from .verify import verify_shards
+
+            problems, summary = verify_shards(args.dir, hashes=not args.no_hash,
+                                              workers=args.workers)
+            for p in problems:
+                print(p)
+            print(summary)
+            return 1 if problems else 0
+        elif args.command == "merge":
+            from .merge import merge_shard_sets
+
+            m = merge_shard_sets(args.inputs, args.output, overwrite=args.overwrite)
+            print(f"wrote {args.output}/manifest.json: {len(args.inputs)} shard set(s), "
+                  f"{m['total_docs']:,} documents, {m['total_tokens']:,} tokens in "
+                  f"{len(m['shards'])} shard(s)")
+        elif args.command == "import-binidx":
+            from .binidx import import_binidx
+            from .shards import DEFAULT_SHARD_TOKENS
+
+            r = import_binidx(args.input, args.tokenizer, args.output, workers=args.workers,
+                              shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                              keep_trailing_eos=args.keep_trailing_eos, eos_token=args.eos_token)
+            print(r.summary())
         elif args.command == "inspect":
             from .inspect_shards import inspect_shards
 

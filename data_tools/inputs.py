@@ -1,12 +1,14 @@
 """Input documents: finding input files, cutting them into deterministic work units, reading them.
 
 A work unit is a piece of the input that one worker tokenizes into its own shards: a group of
-whole .txt files, a byte range of an uncompressed .jsonl (cut at line starts), or one whole
-compressed .jsonl.gz/.jsonl.zst. Units depend only on the input files and `unit_bytes`, never on
+whole .txt files, a byte range of an uncompressed .jsonl (cut at line starts), one whole
+compressed .jsonl.gz/.jsonl.zst, or a run of row groups of a .parquet file (pyarrow, the
+`parquet` extra). Units depend only on the input files and `unit_bytes`, never on
 the number of workers, so any worker count writes the same shards.
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import json
@@ -20,7 +22,8 @@ from .errors import DataError
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 MAX_EXAMPLES = 10  # skipped records whose file:line is kept for the report, per input file
 
 # Why a record was skipped; `empty` is normal data, the others are malformed input (--strict).
@@ -38,14 +41,35 @@ def input_kind(path: Path) -> str | None:
         return "txt"
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
     return None
 
 
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("parquet input needs pyarrow: pip install 'rrwkv-pretrain[parquet]'") \
+            from None
+    return pq
+
+
 def expand_inputs(paths) -> list[Path]:
-    """Input files, sorted; directories are searched recursively for supported files."""
+    """Input files, sorted; directories are searched recursively for supported files, and
+    glob patterns (`data/*.jsonl.zst`, `data/**/*.parquet`) expanded to the supported files
+    they match."""
     files: set[Path] = set()
     for p in map(Path, paths):
-        if p.is_dir():
+        if not p.exists() and glob.has_magic(str(p)):
+            matches = [Path(m) for m in glob.glob(str(p), recursive=True)]
+            found = [f for m in matches for f in ([m] if m.is_file() else m.rglob("*"))
+                     if f.is_file() and input_kind(f)]
+            if not found:
+                raise FileNotFoundError(f"input pattern {p} matches no {'/'.join(SUPPORTED)} "
+                                        f"files; check the pattern given to --input")
+            files.update(found)
+        elif p.is_dir():
             found = [f for f in p.rglob("*") if f.is_file() and input_kind(f)]
             if not found:
                 raise DataError(f"input directory {p} holds no {'/'.join(SUPPORTED)} files")
@@ -53,7 +77,7 @@ def expand_inputs(paths) -> list[Path]:
         elif p.is_file():
             if input_kind(p) is None:
                 raise DataError(f"input {p} has an unsupported type: use .txt (one document "
-                                f"per file) or .jsonl / .jsonl.gz / .jsonl.zst")
+                                f"per file), .jsonl / .jsonl.gz / .jsonl.zst or .parquet")
             files.add(p)
         else:
             raise FileNotFoundError(f"input {p} not found: check the path given to --input")
@@ -64,9 +88,10 @@ def expand_inputs(paths) -> list[Path]:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """One worker's share of the input: `files` (whole) or one file's bytes [start, end)."""
+    """One worker's share of the input: `files` (whole) or one file's bytes [start, end)
+    (for parquet: row groups [start, end))."""
     index: int
-    kind: str                     # "txt" | "jsonl"
+    kind: str                     # "txt" | "jsonl" | "parquet"
     files: tuple[str, ...]
     start: int = 0
     end: int | None = None        # None: to the end of the file
@@ -74,6 +99,8 @@ class WorkUnit:
     def describe(self) -> str:
         if self.kind == "txt":
             return f"{len(self.files)} text file(s) from {self.files[0]}"
+        if self.kind == "parquet":
+            return f"{self.files[0]} row groups {self.start}..{self.end}"
         return f"{self.files[0]} bytes {self.start}..{'end' if self.end is None else self.end}"
 
 
@@ -98,7 +125,9 @@ def plan_units(files: list[Path], unit_bytes: int) -> list[WorkUnit]:
             txt_bytes += size
             continue
         flush_txt()
-        if f.name.lower().endswith(".jsonl") and size > unit_bytes:
+        if input_kind(f) == "parquet":
+            units += _parquet_units(f, unit_bytes, len(units))
+        elif f.name.lower().endswith(".jsonl") and size > unit_bytes:
             for start in range(0, size, unit_bytes):
                 end = min(start + unit_bytes, size)
                 units.append(WorkUnit(len(units), "jsonl", (str(f),), start, end))
@@ -106,6 +135,28 @@ def plan_units(files: list[Path], unit_bytes: int) -> list[WorkUnit]:
             units.append(WorkUnit(len(units), "jsonl", (str(f),)))
     flush_txt()
     return units
+
+
+def _parquet_units(f: Path, unit_bytes: int, first: int) -> list[WorkUnit]:
+    meta = _pyarrow_parquet().ParquetFile(f).metadata
+    units, lo, size = [], 0, 0
+    for rg in range(meta.num_row_groups):
+        size += meta.row_group(rg).total_byte_size
+        if size >= unit_bytes or rg == meta.num_row_groups - 1:
+            units.append(WorkUnit(first + len(units), "parquet", (str(f),), lo, rg + 1))
+            lo, size = rg + 1, 0
+    return units
+
+
+def unit_input_bytes(unit: WorkUnit) -> int:
+    """Input bytes a unit covers (for progress: MB/s and ETA)."""
+    if unit.kind == "txt":
+        return sum(os.path.getsize(f) for f in unit.files)
+    if unit.kind == "parquet":
+        meta = _pyarrow_parquet().ParquetFile(unit.files[0]).metadata
+        return sum(meta.row_group(i).total_byte_size for i in range(unit.start, unit.end))
+    end = os.path.getsize(unit.files[0]) if unit.end is None else unit.end
+    return end - unit.start
 
 
 @dataclass
@@ -149,6 +200,8 @@ def iter_unit_documents(unit: WorkUnit, text_key: str, strict: bool,
         report = reports.setdefault(path, FileReport(path))
         if unit.kind == "txt":
             yield from _read_txt(path, strict, report)
+        elif unit.kind == "parquet":
+            yield from _read_parquet(path, unit.start, unit.end, text_key, strict, report)
         else:
             yield from _read_jsonl(path, unit.start, unit.end, text_key, strict, report)
 
@@ -200,6 +253,7 @@ def _read_jsonl(path: str, start: int, end: int | None, key: str, strict: bool,
     f = _open_lines(path, start)
     with f:
         pos = f.tell() if not path.lower().endswith((".gz", ".zst")) else 0
+        first_pos = pos
         line_no = 0
         for raw in f:
             if end is not None and pos >= end:
@@ -214,13 +268,54 @@ def _read_jsonl(path: str, start: int, end: int | None, key: str, strict: bool,
                 reason = "empty"
             if reason is not None:
                 if strict and reason != "empty":
-                    # Line numbers of later units are fixed up by the caller (see report_lines).
-                    raise _strict_error(path, line_no if start == 0 else None, reason,
-                                        detail or f"byte range from {start}", key)
+                    # Report line numbers are fixed up after all units (merge_reports); an error
+                    # stops now, so count the lines before this unit here (rare, so cheap enough).
+                    raise _strict_error(path, _lines_before(path, first_pos) + line_no, reason,
+                                        detail, key)
                 report.skip(reason, line_no, detail if reason != "missing_field" else "", key)
                 continue
             yield text
         report.lines += line_no
+
+
+def _lines_before(path: str, pos: int) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while pos > 0:
+            block = f.read(min(pos, 1 << 24))
+            if not block:
+                break
+            n += block.count(b"\n")
+            pos -= len(block)
+    return n
+
+
+def _read_parquet(path: str, first_rg: int, end_rg: int, key: str, strict: bool,
+                  report: FileReport) -> Iterator[str]:
+    """Documents of row groups [first_rg, end_rg); report lines are row numbers (1-based)."""
+    pf = _pyarrow_parquet().ParquetFile(path)
+    if key not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column {key!r} (columns: "
+                        f"{', '.join(pf.schema_arrow.names)}); choose one with --text-key")
+    row = sum(pf.metadata.row_group(i).num_rows for i in range(first_rg)) + 1
+    base = row - 1
+    for batch in pf.iter_batches(columns=[key], row_groups=range(first_rg, end_rg),
+                                 batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            report.docs_read += 1
+            reason = None
+            if not isinstance(text, str):
+                reason = "missing_field"
+            elif not text:
+                reason = "empty"
+            if reason is not None:
+                if strict and reason != "empty":
+                    raise _strict_error(path, row, reason, f"row {row}", key)
+                report.skip(reason, row - base, "", key)
+            else:
+                yield text
+            row += 1
+    report.lines += row - 1 - base
 
 
 def _parse_record(raw: bytes, key: str):

@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import DataError
 from .inputs import (FileReport, WorkUnit, expand_inputs, iter_unit_documents, merge_reports,
-                     plan_units, SKIP_REASONS)
+                     plan_units, unit_input_bytes, SKIP_REASONS)
+from .progress import Progress
 from .manifest import FORMAT, MANIFEST, dtype_for_vocab, write_manifest
 from .tokenizer import Tokenizer
 
@@ -186,8 +187,15 @@ def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLi
                    text_key: str = "text", max_doc_tokens: int | None = None,
                    strict: bool = False, eos_token: str | None = None,
                    unit_bytes: int = DEFAULT_UNIT_BYTES, overwrite: bool = False,
-                   progress: bool | None = None) -> TokenizeResult:
-    """Tokenize input files into OUT/shard-*.tar + OUT/manifest.json (see module docstring)."""
+                   progress: bool | None = None, log_every: float = 30.0,
+                   slice: tuple[int, int] | None = None) -> TokenizeResult:
+    """Tokenize input files into OUT/shard-*.tar + OUT/manifest.json (see module docstring).
+
+    slice (i, n): tokenize only the i-th of n contiguous runs of the work units (an array job's
+    task); the shard sets of all slices, combined in slice order by `merge`, hold exactly the
+    shards (same bytes) an unsliced run writes. progress: a bar on a terminal (None: when
+    stderr is one), otherwise a plain line every `log_every` seconds (False: silent).
+    """
     t0 = time.perf_counter()
     files = expand_inputs(inputs)
     tok = Tokenizer(tokenizer, eos_token=eos_token)  # validates in the parent, once
@@ -204,8 +212,13 @@ def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLi
     settings = Settings(str(tok.path.resolve()), text_key, shard_tokens, max_doc_tokens,
                         strict, eos_token)
     units = plan_units(files, unit_bytes)
+    if slice is not None:
+        i, n = slice
+        if not 0 <= i < n:
+            raise DataError(f"--slice {i}/{n}: the slice index must be in 0..{n - 1}")
+        units = units[i * len(units) // n:(i + 1) * len(units) // n]
     work = out / WORK
-    plan = {"settings": settings.__dict__, "tokenizer_sha256": tok.sha256,
+    plan = {"settings": settings.__dict__, "tokenizer_sha256": tok.sha256, "slice": slice,
             "units": [u.__dict__ for u in units],
             "sizes": [f.stat().st_size for f in files]}
     plan_file = work / "plan.json"
@@ -216,17 +229,19 @@ def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLi
 
     results = []
     jobs = [(u, settings, work) for u in units]
-    bar = _progress(len(units), progress)
+    sizes = {u.index: unit_input_bytes(u) for u in units}
+    bar = Progress("tokenize", sum(sizes.values()), len(units), enabled=progress,
+                   log_every=log_every)
     if workers > 1 and len(units) > 1:
         ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads or torch
         with ctx.Pool(min(workers, len(units))) as pool:
             for r in pool.imap_unordered(_run_unit_star, jobs):
                 results.append(r)
-                bar.update(r["tokens"])
+                bar.update(sizes[r["unit"]], r["docs"], r["tokens"])
     else:
         for job in jobs:
             results.append(run_unit(*job))
-            bar.update(results[-1]["tokens"])
+            bar.update(sizes[job[0].index], results[-1]["docs"], results[-1]["tokens"])
     bar.close()
     results.sort(key=lambda r: r["unit"])
 
@@ -266,19 +281,3 @@ def _finish(out: Path, work: Path, tok: Tokenizer, results: list[dict]) -> dict:
     }
     write_manifest(out / MANIFEST, manifest)
     return manifest
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(units: int, enabled: bool | None):
-    if enabled is False or (enabled is None and not sys.stderr.isatty()):
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {units} unit(s)")
