@@ -3,6 +3,10 @@
 
     deepspeed [--num_gpus N | --hostfile FILE] launch/pretrain.py --config configs/X.yaml [key=value ...]
     python launch/pretrain.py --config configs/X.yaml [key=value ...]
+
+Exit status: 0 done; 2 bad input (one line on stderr); 75 stopped by SIGTERM/SIGUSR1 after saving a
+checkpoint (OUT_DIR/REQUEUE written: start the same command again to continue); 3 too many
+non-finite steps in a row (the last good checkpoint is kept).
 """
 import sys
 import time
@@ -10,76 +14,81 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain import checkpoint  # noqa: E402
-from pretrain import run as cli  # noqa: E402
+from pretrain import checkpoint, faults  # noqa: E402
+from pretrain import run as R  # noqa: E402
 from pretrain.engine import batch_layout, build_engine, current_lr, evaluate, train_step  # noqa: E402
-from pretrain.metrics import MetricsLogger, device_peak, flops_per_token  # noqa: E402
+from pretrain.metrics import MetricsLogger, StepTimer, device_peak, flops_per_token  # noqa: E402
 
 
 def main(argv):
-    cfg = cli.parse_config(argv, prog="launch/pretrain.py")                    # config
-    dist = cli.init(cfg)                                                      # processes, seeds
-    out_dir = Path(cfg.run.out_dir)
-    sources = cli.prepare_data(cfg, dist)                                     # shards (built-in corpus on first use)
-    model = cli.build_model(cfg, sources, dist)                               # RRWKV
-    layout = batch_layout(cfg, dist.world_size)
+    cfg = R.parse_config(argv, prog="launch/pretrain.py")                     # config
+    dist = R.init(cfg)                                                        # processes, seeds
+    out = Path(cfg.run.out_dir)
+    sources = R.prepare_data(cfg, dist)                                       # shards (built-in corpus on first use)
+    model, dp_rank = R.build_model(cfg, dist)                                 # RRWKV or its pipeline stages
+    layout = batch_layout(cfg, R.data_parallel_size(cfg, dist), dp_rank)
     engine = build_engine(model, cfg, layout, dist.device)                    # DeepSpeed
-    stream = cli.train_stream(cfg, sources, dist)                             # this rank's part of the corpus
-    resume_dir = checkpoint.find_resume_dir(out_dir, cfg.run.resume)
-    step, tokens, wandb_id = 0, 0, None
+    batches = R.train_batches(cfg, sources, layout)                           # this rank's rows of each batch
+    resume_dir = checkpoint.find_resume_dir(out, cfg.run.resume)
+    client = {"step": 0, "tokens": 0}
     if resume_dir is not None:                                                # model, optimizer, data, RNG
-        client = checkpoint.load(engine, resume_dir, dist.rank, dist.world_size, cli.model_fields(cfg))
-        step, tokens, wandb_id = client["step"], client["tokens"], client.get("wandb_id")
-        stream.load_state_dict(client["mine"]["stream"])
+        client = checkpoint.load(engine, resume_dir, dist.rank, dist.world_size, R.model_fields(cfg))
+        batches.load_state_dict(checkpoint.merged_lanes(client))
         checkpoint.set_rng_state(client["mine"]["rng"])
-    cli.write_run_files(cfg, out_dir, dist, resumed_at=step)
-    log = MetricsLogger(out_dir, cfg, cfg.train.max_steps, step, dist.is_main, wandb_id)
+    step, tokens = client["step"], client["tokens"]
+    R.write_run_files(cfg, out, dist, resumed_at=step)
+    log = MetricsLogger(out, cfg, cfg.train.max_steps, step, dist.is_main, client.get("wandb_id"))
     peak, peak_name = device_peak(dist.device, cfg.train.peak_tflops)
-    flops = flops_per_token(model)
-    if dist.is_main:
-        print(f"model: {model.num_params(False) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; MFU "
-              f"against {peak_name}; {dist.world_size} rank(s) on {dist.device.type}, global batch "
-              f"{layout.global_batch_size} x {cfg.data.seq_len} tokens; "
-              + (f"resumed from {resume_dir} at step {step}" if step else "fresh start"), flush=True)
+    flops = flops_per_token(R.model_config(cfg))
+    timer = StepTimer(layout.global_batch_size * cfg.data.seq_len, flops, peak, dist.world_size)
+    stop, bad, watchdog = faults.StopRequest(), faults.BadSteps(cfg.train.max_bad_steps), \
+        faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
+    R.announce(cfg, dist, layout, flops, peak_name, resume_dir, step)
 
     def save():
-        checkpoint.save(engine, out_dir / "checkpoints", step,
-                        {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": cli.model_fields(cfg)},
-                        {"stream": stream.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
+        checkpoint.save(engine, out / "checkpoints", step,
+                        {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": R.model_fields(cfg)},
+                        {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
 
-    batches = iter(stream)
-    step_tokens = layout.global_batch_size * cfg.data.seq_len
-    window_t, window_steps = time.perf_counter(), 0
     while step < cfg.train.max_steps:                                         # loop
-        micro = cli.take(batches, layout.grad_accum)
+        micro = batches.next_step()
         if micro is None:
-            if dist.is_main:
-                print(f"data exhausted after {step} steps (data.max_epochs reached)", flush=True)
+            R.say(dist, f"data exhausted after {step} steps")
             break
-        lr = current_lr(engine)
+        lr, skipped_before = current_lr(engine), engine.skipped_steps
         loss = train_step(engine, micro, dist.device)
-        step, tokens, window_steps = step + 1, tokens + step_tokens, window_steps + 1
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or step == 1:
-            cli.sync(dist.device)
-            dt = time.perf_counter() - window_t
-            tps = window_steps * step_tokens / dt
-            log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tps,
-                     "mfu": tps * flops / (peak * dist.world_size), "time": time.time(),
-                     **cli.memory_stats(dist.device)})
-            window_t, window_steps = time.perf_counter(), 0
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.valid:
-            val = evaluate(engine, cli.valid_batches(cfg, sources, dist), dist.device)
-            log.log({"step": step, "val_loss": val, "val_ppl": cli.perplexity(val)})
-            window_t, window_steps = time.perf_counter(), 0
+        step, tokens = step + 1, tokens + timer.step_tokens
+        watchdog.beat(step)
+        timer.tick()
+        if bad.update(loss, engine.skipped_steps > skipped_before):
+            log.log({"step": step, "event": "skipped_step", "loss": loss, "bad_in_a_row": bad.in_a_row})
+            if bad.exceeded:
+                R.say(dist, f"error: {bad.in_a_row} non-finite steps in a row (train.max_bad_steps); stopping "
+                            f"without saving, the last good checkpoint is kept", err=True)
+                return faults.BAD_STEPS_EXIT
+        if step % cfg.train.log_every == 0 or step in (1, cfg.train.max_steps):
+            log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens, **timer.rates(step, cfg.train.max_steps, dist.device),
+                     "skipped_steps": bad.total, **R.memory_stats(dist.device)})
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and sources.valid:
+            val = evaluate(engine, R.valid_batches(cfg, sources, layout), dist.device)
+            log.log({"step": step, "val_loss": val, "val_ppl": R.perplexity(val)})
+            timer.pause()
+        if stop.agreed(dist.device):                                          # preemption: save and requeue
+            save()
+            R.mark_requeue(out, dist, step)
+            log.close()
+            return faults.REQUEUE_EXIT
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
             save()                                                            # checkpoints
-            window_t, window_steps = time.perf_counter(), 0
-    if step > 0 and (resume_dir is None or step > client["step"]):
+            timer.pause()
+    if step > client["step"]:
         save()
+    R.mark_done(out, dist)
     log.close()
-    if dist.is_main:
-        print(f"done: step {step}, outputs in {out_dir}", flush=True)
+    watchdog.close()
+    R.say(dist, f"done: step {step}, outputs in {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main, sys.argv[1:]))
+    sys.exit(R.run_main(main, sys.argv[1:]))

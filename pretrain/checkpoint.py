@@ -109,6 +109,14 @@ def load(engine, ckpt_dir: Path, rank: int, world_size: int, model_config: Dict[
     return client
 
 
+def merged_lanes(client: Dict[str, Any]) -> Dict[int, Any]:
+    """Every lane's data position, from the entries of all ranks that wrote the checkpoint."""
+    lanes: Dict[int, Any] = {}
+    for entry in client["ranks"]:
+        lanes.update(entry["lanes"])
+    return lanes
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

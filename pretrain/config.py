@@ -77,6 +77,7 @@ class TrainSection:
     keep_last: int = 2
     activation_checkpointing: bool = False
     peak_tflops: Optional[float] = None  # for MFU; default: the card's dense bf16 peak, or measured on CPU
+    max_bad_steps: int = 10              # stop after this many non-finite steps in a row (0: never)
 
 
 @dataclass
@@ -84,6 +85,8 @@ class ParallelSection:
     zero_stage: int = 2
     pipeline_stages: int = 1
     offload: str = "none"                # none | optimizer | all
+    timeout_minutes: float = 30.0        # collective operations time out after this
+    stall_timeout_s: float = 900.0       # report a rank whose step has not advanced for this long (0: off)
 
 
 @dataclass

@@ -47,15 +47,16 @@ class BatchLayout:
     grad_accum: int
     global_batch_size: int
     data_parallel: int
+    dp_rank: int
 
 
-def batch_layout(cfg: DictConfig, data_parallel: int) -> BatchLayout:
+def batch_layout(cfg: DictConfig, data_parallel: int, dp_rank: int) -> BatchLayout:
     mbs = cfg.data.micro_batch_size
     gbs = cfg.train.global_batch_size or mbs * data_parallel
     if gbs % (mbs * data_parallel):
         raise ConfigError(f"train.global_batch_size ({gbs}) must be a multiple of data.micro_batch_size ({mbs}) "
                           f"x data-parallel ranks ({data_parallel})")
-    return BatchLayout(mbs, gbs // (mbs * data_parallel), gbs, data_parallel)
+    return BatchLayout(mbs, gbs // (mbs * data_parallel), gbs, data_parallel, dp_rank)
 
 
 def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device) -> Dict:
@@ -66,6 +67,9 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
         raise ConfigError("parallel.offload=all (parameters too) needs parallel.zero_stage=3; use offload=optimizer")
     if offload != "none" and stage == 0:
         raise ConfigError("parallel.offload needs parallel.zero_stage >= 1")
+    if cfg.parallel.pipeline_stages > 1 and stage > 1:
+        raise ConfigError(f"parallel.pipeline_stages > 1 works with parallel.zero_stage 0 or 1, not {stage}: ZeRO-2/3 "
+                          f"partition the gradients that the pipeline accumulates over its micro-batches")
     zero: Dict = {"stage": stage}
     if stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=device.type == "cuda",
@@ -111,6 +115,10 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, layout: BatchLayout, d
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            config=deepspeed_config(cfg, layout, device),
                                            lr_scheduler=make_scheduler)
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        # DeepSpeed checks gradients for inf/NaN only in fp16/bf16; check in fp32 too, so that a
+        # non-finite step is skipped (and counted) in every precision instead of poisoning the weights.
+        engine.optimizer.check_grad_overflow = True
     return engine
 
 
@@ -127,8 +135,15 @@ def current_lr(engine) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
 
 
+def is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    return isinstance(engine, PipelineEngine)
+
+
 def train_step(engine, batches, device: torch.device) -> float:
     """One optimizer step over `grad_accum` micro-batches; returns the loss averaged over all ranks."""
+    if is_pipeline(engine):  # the pipeline engine schedules the micro-batches itself
+        return float(engine.train_batch(data_iter=iter(batches)))
     total = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
     for input_ids, labels in batches:
@@ -153,6 +168,10 @@ def all_reduce_mean(x: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(engine, batches, device: torch.device) -> float:
     """Mean loss over the given batches (all ranks)."""
+    if is_pipeline(engine):
+        batches = list(batches)
+        losses = [float(engine.eval_batch(data_iter=iter([b]), num_micro_batches=1)) for b in batches]
+        return all_reduce_mean(torch.tensor(sum(losses) / max(len(losses), 1), dtype=torch.float64, device=device))
     was_training = engine.module.training
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)

@@ -17,15 +17,51 @@ import torch
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
 
 
-def flops_per_token(model) -> float:
+def count_params(cfg, non_embedding: bool = False) -> int:
+    """Parameters of an RRWKV of config `cfg` (counted on the meta device: no memory, no init)."""
+    from .model import RRWKV
+    with torch.device("meta"):
+        return RRWKV(cfg, init_seed=None).num_params(non_embedding=non_embedding)
+
+
+def flops_per_token(cfg) -> float:
     """Training FLOPs per token (rrwkv.md): 6 N_nonembedding + 6 C V (the head).
 
     N_nonembedding is the parameter count without embedding and head; it includes the excitation
     layers, which run once per segment rather than per token (an overcount of under 2%). The WKV
-    itself is O(C) per token and left out.
+    itself is O(C) per token and left out. `cfg`: an RRWKVConfig.
     """
-    cfg = model.cfg
-    return 6.0 * model.num_params(non_embedding=True) + 6.0 * cfg.n_embd * cfg.vocab_size
+    return 6.0 * count_params(cfg, non_embedding=True) + 6.0 * cfg.n_embd * cfg.vocab_size
+
+
+class StepTimer:
+    """Throughput over the steps since the last report: tokens/s, TFLOP/s per device, MFU, ETA.
+
+    Saves and evaluations are left out of the window (`pause`)."""
+
+    def __init__(self, step_tokens: int, flops_per_token: float, peak: float, devices: int):
+        self.step_tokens, self.flops, self.peak, self.devices = step_tokens, flops_per_token, peak, devices
+        self.train_time, self.train_steps = 0.0, 0
+        self.pause()
+
+    def pause(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def rates(self, step: int, max_steps: int, device: torch.device) -> Dict[str, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        self.train_time, self.train_steps = self.train_time + dt, self.train_steps + self.steps
+        tps = self.steps * self.step_tokens / dt
+        per_device = tps * self.flops / self.devices
+        eta = (max_steps - step) * self.train_time / max(self.train_steps, 1)
+        self.pause()
+        return {"tokens_per_s": tps, "tflops_per_device": per_device / 1e12, "mfu": per_device / self.peak,
+                "eta_s": eta}
 
 
 def device_peak(device: torch.device, override: Optional[float]) -> Tuple[float, str]:

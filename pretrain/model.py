@@ -222,7 +222,7 @@ class Block(nn.Module):
 
 
 class RRWKV(nn.Module):
-    def __init__(self, cfg: RRWKVConfig, init_seed: int = 0):
+    def __init__(self, cfg: RRWKVConfig, init_seed: Optional[int] = 0):
         super().__init__()
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -230,7 +230,8 @@ class RRWKV(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self.init_weights(init_seed)
+        if init_seed is not None:  # None: leave uninitialized (meta-device shape inspection, loading)
+            self.init_weights(init_seed)
 
     # ---- initialization (RWKV-4's, rrwkv.md) ----
     @torch.no_grad()

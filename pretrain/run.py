@@ -40,7 +40,7 @@ def parse_config(argv: Sequence[str], prog: str) -> DictConfig:
 
 def init(cfg: DictConfig) -> Dist:
     """Start the process group and seed every generator (the same seed on every rank: weights agree)."""
-    d = init_distributed()
+    d = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2 ** 32)
     torch.manual_seed(cfg.run.seed)
@@ -116,23 +116,19 @@ def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
     return DataSources(train_src, valid_src, first.vocab_size, first.eos_id, str(first.tokenizer_path))
 
 
-def train_stream(cfg: DictConfig, src: DataSources, d: Dist):
-    from .data import TokenStream
-    return TokenStream(src.train, cfg.data.seq_len, cfg.data.micro_batch_size, rank=d.rank,
-                       world_size=d.world_size, num_workers=cfg.data.num_workers, seed=cfg.run.seed)
+def train_batches(cfg: DictConfig, src: DataSources, layout):
+    """This data-parallel rank's lanes of every global batch (pretrain/lanes.py)."""
+    from .lanes import LaneBatches
+    return LaneBatches(src.train, cfg.data.seq_len, layout.micro_batch_size, layout.grad_accum, layout.dp_rank,
+                       layout.data_parallel, seed=cfg.run.seed)
 
 
-def valid_batches(cfg: DictConfig, src: DataSources, d: Dist):
+def valid_batches(cfg: DictConfig, src: DataSources, layout):
     """The first train.eval_batches batches of this rank's part of data.valid (the same every time)."""
     from .data import TokenStream
-    stream = TokenStream(src.valid, cfg.data.seq_len, cfg.data.micro_batch_size, rank=d.rank,
-                         world_size=d.world_size, num_workers=0, seed=0, max_epochs=1)
+    stream = TokenStream(src.valid, cfg.data.seq_len, cfg.data.micro_batch_size, rank=layout.dp_rank,
+                         world_size=layout.data_parallel, num_workers=0, seed=0, max_epochs=1)
     return itertools.islice(iter(stream), cfg.train.eval_batches)
-
-
-def take(batches, n: int) -> Optional[list]:
-    out = list(itertools.islice(batches, n))
-    return out if len(out) == n else None
 
 
 # ---- model ----
@@ -141,13 +137,34 @@ def model_fields(cfg: DictConfig) -> Dict[str, Any]:
     return {k: cfg.model[k] for k in MODEL_FIELDS}
 
 
-def build_model(cfg: DictConfig, src: DataSources, d: Dist):
-    from .model import RRWKV, RRWKVConfig
-    model = RRWKV(RRWKVConfig(**model_fields(cfg)), init_seed=cfg.run.seed)
+def model_config(cfg: DictConfig):
+    from .model import RRWKVConfig
+    return RRWKVConfig(**model_fields(cfg))
+
+
+def data_parallel_size(cfg: DictConfig, d: Dist) -> int:
+    stages = cfg.parallel.pipeline_stages
+    if d.world_size % stages:
+        raise ConfigError(f"parallel.pipeline_stages ({stages}) must divide the number of processes ({d.world_size})")
+    return d.world_size // stages
+
+
+def build_model(cfg: DictConfig, d: Dist):
+    """RRWKV, or with parallel.pipeline_stages > 1 its PipelineModule; and this rank's data-parallel rank."""
+    if cfg.parallel.pipeline_stages > 1:
+        from .pipeline import data_parallel_rank, pipeline_model
+        if cfg.run.init_from:
+            raise ConfigError("run.init_from is not supported with parallel.pipeline_stages > 1 yet; fine-tune "
+                              "without pipeline stages")
+        pipe = pipeline_model(model_config(cfg), cfg.parallel.pipeline_stages, cfg.run.seed,
+                              cfg.train.activation_checkpointing)
+        return pipe, data_parallel_rank(pipe)
+    from .model import RRWKV
+    model = RRWKV(model_config(cfg), init_seed=cfg.run.seed)
     model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
     if cfg.run.init_from:
         load_weights(model, Path(cfg.run.init_from))
-    return model
+    return model, d.rank
 
 
 def load_weights(model, model_dir: Path) -> None:
@@ -180,9 +197,31 @@ def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, resumed_at: int) ->
         f.write(json.dumps(meta) + "\n")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def say(d: Dist, text: str, err: bool = False) -> None:
+    if d.is_main:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def announce(cfg: DictConfig, d: Dist, layout, flops: float, peak_name: str, resume_dir, step: int) -> None:
+    from .metrics import count_params
+    n = count_params(model_config(cfg))
+    say(d, f"model: {n / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; MFU against {peak_name}; "
+           f"{d.world_size} rank(s) on {d.device.type} ({layout.data_parallel} data-parallel x "
+           f"{cfg.parallel.pipeline_stages} pipeline stages, ZeRO-{cfg.parallel.zero_stage}); global batch "
+           f"{layout.global_batch_size} x {cfg.data.seq_len} tokens ({layout.grad_accum} accumulation steps); "
+           + (f"resumed from {resume_dir} at step {step}" if step else "fresh start"))
+
+
+def mark_requeue(out_dir: Path, d: Dist, step: int) -> None:
+    """OUT_DIR/REQUEUE: this run stopped on a signal after saving step `step`; start it again."""
+    if d.is_main:
+        write_atomic(out_dir / "REQUEUE", json.dumps({"step": step}) + "\n")
+        print(f"stopped on signal after saving step {step}; wrote {out_dir / 'REQUEUE'}", flush=True)
+
+
+def mark_done(out_dir: Path, d: Dist) -> None:
+    if d.is_main:
+        (out_dir / "REQUEUE").unlink(missing_ok=True)
 
 
 def memory_stats(device: torch.device) -> Dict[str, float]:
@@ -202,8 +241,7 @@ def perplexity(loss: float) -> float:
 def run_main(main, argv) -> int:
     """Run `main`, turning user errors into one line on stderr and exit status 2."""
     try:
-        main(argv)
-        return 0
+        return main(argv) or 0
     except (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError) as e:
         if isinstance(e, ValueError) and not isinstance(e, ConfigError) and os.environ.get("RRWKV_TRACEBACK"):
             raise

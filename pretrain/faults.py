@@ -1,0 +1,91 @@
+"""Stopping cleanly: preemption signals, non-finite steps, and ranks that stop making progress.
+
+Signals: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) set a flag; at
+the end of the current step all ranks agree on it (one all-reduce), save a checkpoint, write
+OUT_DIR/REQUEUE and exit with status REQUEUE_EXIT (75, EX_TEMPFAIL: "try again"), which the SLURM
+script turns into a requeue. A run that finishes removes a stale REQUEUE marker and exits 0.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT = 75
+BAD_STEPS_EXIT = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Catches STOP_SIGNALS; `agreed()` is collective and true on every rank once any rank got one."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            print(f"rank {os.environ.get('RANK', '0')}: got {signal.Signals(signum).name}; checkpointing after "
+                  f"this step", file=sys.stderr, flush=True)
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class BadSteps:
+    """Counts steps whose loss or gradient norm was not finite (DeepSpeed skipped their update)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def update(self, loss: float, skipped: bool) -> bool:
+        """Record one step; True when it was bad."""
+        bad = skipped or not (loss == loss and abs(loss) != float("inf"))
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        self.total += int(bad)
+        return bad
+
+    @property
+    def exceeded(self) -> bool:
+        return self.limit > 0 and self.in_a_row >= self.limit
+
+
+class Watchdog:
+    """Reports a rank whose step has not advanced for `timeout_s` (which rank, which step) and dumps
+    its Python stacks, instead of hanging silently in a collective."""
+
+    def __init__(self, rank: int, timeout_s: float):
+        self.rank, self.timeout_s = rank, timeout_s
+        self.step, self.last = 0, time.monotonic()
+        self._stop = threading.Event()
+        if timeout_s > 0:
+            threading.Thread(target=self._run, daemon=True, name="rrwkv-watchdog").start()
+
+    def beat(self, step: int) -> None:
+        self.step, self.last = step, time.monotonic()
+
+    def _run(self) -> None:
+        reported = None
+        while not self._stop.wait(min(30.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s and reported != self.step:
+                reported = self.step
+                print(f"watchdog: rank {self.rank} has made no progress for {idle:.0f} s after step {self.step} "
+                      f"(a peer rank may be dead or stuck in a collective); its stacks follow", file=sys.stderr,
+                      flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+    def close(self) -> None:
+        self._stop.set()
