@@ -187,11 +187,11 @@ def find_tokenizer(model_dir: Path) -> Path:
                     f"launch/export.py (or copy the run's tokenizer there)")
 
 
-def load_config(model_dir: Path):
+def load_config(model_dir: Path, flag: str = "--model"):
     from .model import RRWKVConfig
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG).is_file() or not (model_dir / WEIGHTS).is_file():
-        raise UserError(f"--model {model_dir}: expected {WEIGHTS} and {CONFIG} there (make a MODEL_DIR with "
+        raise UserError(f"{flag} {model_dir}: expected {WEIGHTS} and {CONFIG} there (make a MODEL_DIR with "
                         f"launch/export.py or launch/convert.py)")
     try:
         return RRWKVConfig.from_dict(json.loads((model_dir / CONFIG).read_text()))
