@@ -10,11 +10,13 @@ byte-identical output whatever the number of workers.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,28 @@ class _HashingFile:
         self.f.close()
 
 
+class _NpyTarWriter:
+    """webdataset.TarWriter's output for {"__key__": key, "npy": array} samples (USTAR stream,
+    `key.npy` members, fixed owner, mode and mtime), written with tarfile directly: importing
+    webdataset imports torch, 2-3 s per spawned worker, longer than a small work unit takes."""
+
+    def __init__(self, fileobj, user: str, group: str, mode: int, mtime: int):
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.user, self.group, self.mode, self.mtime = user, group, mode, mtime
+
+    def write(self, sample: dict) -> None:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, sample["npy"])
+        ti = tarfile.TarInfo(sample["__key__"] + ".npy")
+        ti.size, ti.mtime, ti.mode = buf.tell(), self.mtime, self.mode
+        ti.uname, ti.gname = self.user, self.group
+        buf.seek(0)
+        self.tar.addfile(ti, buf)
+
+    def close(self) -> None:
+        self.tar.close()
+
+
 class _UnitShardWriter:
     """Rolls a unit's documents over into tar shards of about `shard_tokens` tokens each."""
 
@@ -69,12 +93,10 @@ class _UnitShardWriter:
         self.samples = 0
 
     def _open(self):
-        import webdataset as wds
-
         name = f"unit-{self.unit:06d}-{len(self.shards):04d}.tar"
         self.tmp = self.work / (name + ".tmp")
         self.file = _HashingFile(self.tmp)
-        self.writer = wds.TarWriter(self.file, user="rrwkv", group="rrwkv", mode=0o444, mtime=0)
+        self.writer = _NpyTarWriter(self.file, user="rrwkv", group="rrwkv", mode=0o444, mtime=0)
         self.current = {"file": name, "docs": 0, "tokens": 0}
 
     def write(self, tokens: np.ndarray):

@@ -220,3 +220,35 @@ def test_kill_9_mid_run_then_resume_gives_identical_output(setup, tmp_path):
     assert cli(["tokenize", *args, "--output", str(out), "--workers", "2"]) == 0
     tree = lambda d: {q.name: q.read_bytes() for q in sorted(Path(d).iterdir())}
     assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_shard_writer_matches_webdataset_tarwriter(setup, tmp_path):
+    """Shards are written with tarfile directly (no torch import in workers); the bytes must be
+    exactly what webdataset's TarWriter writes for the same samples."""
+    import io
+
+    import webdataset as wds
+
+    from data_tools.shards import _NpyTarWriter
+
+    tok = load_tokenizer(setup["model"])
+    arrays = [np.asarray(tok.encode(t), np.uint16) for t in setup["texts"][:5]] + \
+        [np.zeros(0, np.uint16)]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    a = _NpyTarWriter(ours, "rrwkv", "rrwkv", 0o444, 0)
+    b = wds.TarWriter(theirs, user="rrwkv", group="rrwkv", mode=0o444, mtime=0)
+    for i, arr in enumerate(arrays):
+        a.write({"__key__": f"000000-{i:09d}", "npy": arr})
+        b.write({"__key__": f"000000-{i:09d}", "npy": arr})
+    a.close()
+    b.close()
+    assert ours.getvalue() == theirs.getvalue()
+    got = [s["npy"] for s in wds.WebDataset(f"pipe:cat {_save(tmp_path, ours)}",
+                                            shardshuffle=False).decode()]
+    assert all(np.array_equal(g, w) for g, w in zip(got, arrays)) and len(got) == len(arrays)
+
+
+def _save(tmp_path, buf):
+    p = tmp_path / "w.tar"
+    p.write_bytes(buf.getvalue())
+    return p
