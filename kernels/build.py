@@ -93,6 +93,18 @@ def find_nvcc() -> Optional[str]:
     return shutil.which("nvcc")
 
 
+def _ensure_cuda_home() -> None:
+    """torch's builder needs CUDA_HOME; derive it from nvcc on PATH when torch found none."""
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME:
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = str(Path(os.path.realpath(nvcc)).parent.parent)
+        cpp_extension.CUDA_HOME = home
+        os.environ.setdefault("CUDA_HOME", home)
+
+
 # ------------------------------------------------------------------------------------------ lock
 def _pid_alive(pid: int) -> bool:
     try:
@@ -286,6 +298,8 @@ def build_extension(name: str, sources: List[Path], build_root: Path, key: str,
             "CUDA toolkit matching torch (torch.version.cuda = %s) and set CUDA_HOME, or run with the "
             "pure-PyTorch reference (config model.cuda_kernel=false, i.e. kernels.use_cuda_kernel(False))."
             % torch.version.cuda)
+    if needs_nvcc:
+        _ensure_cuda_home()
     build_root.mkdir(parents=True, exist_ok=True)
     with BuildLock(build_root / f"{name}.lock", timeout=lock_timeout, mode=lock_mode):
         if cached():                 # another process built it while we waited
