@@ -43,6 +43,25 @@ def time_fn(fn, sets, warmup=5, rep=30):
     return statistics.median(times)
 
 
+def own_kernel_ms(step, sets, steps=5):
+    """Device time of this op's own CUDA kernels (names k_*) per step, from torch.profiler: what the
+    GPU spends in the WKV kernels themselves, without the host-side launch and autograd overhead."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    for i in range(2):
+        step(sets[i % len(sets)])
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for i in range(steps):
+            step(sets[i % len(sets)])
+        torch.cuda.synchronize()
+    tot = 0.0
+    for ev in p.key_averages():
+        if ev.key.startswith("k_"):
+            t = getattr(ev, "self_device_time_total", None)
+            tot += t if t is not None else getattr(ev, "self_cuda_time_total", 0)
+    return tot / steps / 1e3
+
+
 def copy_bandwidth():
     """Bytes read + written per second of a large device-to-device copy (GB/s)."""
     n = 1 << 30
@@ -124,9 +143,11 @@ def bench(shapes, dtype, interval, rep):
         res = {}
         sets_m = wkv_inputs(B, T, C, interval, dtype, n_sets)
         res["kernel, mediums (s=%d)" % interval] = time_fn(wkv_step(interval, wkv_retro), sets_m, rep=rep)
+        res["  its CUDA kernels only (profiler)"] = own_kernel_ms(wkv_step(interval, wkv_retro), sets_m)
         del sets_m
         sets_0 = wkv_inputs(B, T, C, 0, dtype, n_sets)
         res["kernel, no mediums (s=0)"] = time_fn(wkv_step(0, wkv_retro), sets_0, rep=rep)
+        res["  its CUDA kernels only (profiler) "] = own_kernel_ms(wkv_step(0, wkv_retro), sets_0)
         if fla is not None:
             try:
                 res["fla fused_recurrent_rwkv4"] = time_fn(fla, sets_0, rep=rep)
