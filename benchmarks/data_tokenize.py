@@ -25,6 +25,13 @@ from data_tools.shards import tokenize_files  # noqa: E402
 from data_tools.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 
+def _cpu() -> float:
+    import resource
+
+    return sum(getattr(resource.getrusage(who), f) for who in
+               (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=12.0, help="MB of text")
@@ -48,12 +55,15 @@ def main() -> None:
     print(f"text: {len(docs):,} documents, {size / 1e6:.1f} MB; vocab {tok.vocab_size}; "
           f"load average before: {os.getloadavg()}")
 
-    def best(fn):
+    cores = {}
+
+    def best(fn, name):
         times = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu()
             out = fn()
             times.append(time.perf_counter() - t0)
+            cores[name] = (_cpu() - c0) / times[-1]
         return min(times), out
 
     def sp_encode():
@@ -74,9 +84,9 @@ def main() -> None:
                            unit_bytes=1 << 20, progress=False)
         return r.manifest["total_tokens"]
 
-    t_sp, n_sp = best(sp_encode)
-    t1, n1 = best(lambda: run(1))
-    t2, n2 = best(lambda: run(2))
+    t_sp, n_sp = best(sp_encode, "sp")
+    t1, n1 = best(lambda: run(1), "w1")
+    t2, n2 = best(lambda: run(2), "w2")
     assert n1 == n2 == n_sp, (n1, n2, n_sp)
     sp, w1, w2 = n_sp / t_sp, n1 / t1, n2 / t2
     print(f"sentencepiece encode, 1 thread: {sp:,.0f} tokens/s ({size / t_sp / 1e6:.2f} MB/s)")
@@ -84,6 +94,8 @@ def main() -> None:
           f"{100 * w1 / sp:.0f}% of sentencepiece (target >= 80%)")
     print(f"tokenize --workers 2:           {w2:,.0f} tokens/s ({size / t2 / 1e6:.2f} MB/s), "
           f"{w2 / w1:.2f}x one worker (target >= 1.6x)")
+    print("CPU cores this process and its workers got (CPU seconds / wall seconds): " +
+          ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
     print(f"tokens: {n1:,}; load average after: {os.getloadavg()}; cpus: {os.cpu_count()}")
     if not args.out:
         shutil.rmtree(work)
