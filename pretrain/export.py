@@ -160,6 +160,7 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "fp32", tag: 
     """Export a training run's checkpoint to a MODEL_DIR; returns (MODEL_DIR, what was exported)."""
     tag_dir = find_tag_dir(checkpoint, tag)
     out_dir = tag_dir.parent.parent                     # OUT_DIR/checkpoints/step<N>
+    state = checkpoint_state_dict(tag_dir)
     client = client_state(tag_dir)
     config = client.get("model_config")
     if config is None:                                   # checkpoints from before model_config was saved
@@ -172,7 +173,6 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "fp32", tag: 
         model = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml").model)
         config = {k: model[k] for k in RRWKVConfig().to_dict()}
     tok = Path(tokenizer) if tokenizer else run_tokenizer(out_dir)
-    state = checkpoint_state_dict(tag_dir)
     meta = {"source": str(tag_dir.resolve()), "step": str(client.get("step", "")),
             "tokens": str(client.get("tokens", "")), "dtype": dtype}
     save_model_dir(state, config, tok, output, dtype, meta)
