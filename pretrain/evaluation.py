@@ -51,16 +51,16 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], chunk_len: int, b
         logprob = torch.empty(len(idx), T, dtype=torch.float64)
         hits = torch.empty(len(idx), T, dtype=torch.bool)
         lengths = [len(sequences[i]) - 1 for i in idx]       # descending
-        state = None
+        state, running = None, len(idx)
         for start in range(0, T, chunk_len):
             end = min(T, start + chunk_len)
             rows = sum(1 for n in lengths if n > start)         # a prefix of the batch
-            if state is not None and rows < state.layers[0].att_x.shape[0]:
-                state = first_rows(state, rows)
+            if rows < running:
+                state, running = first_rows(state, rows), rows
             x = batch[:rows, start:end].to(device)
             y = batch[:rows, start + 1:end + 1].to(device)
             logits, state = model(x, state, return_state=True)
-            logits = logits.float()
+            logits = logits if logits.dtype == torch.float64 else logits.float()
             lp = -F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
             logprob[:rows, start:end] = lp.double().cpu()
             hits[:rows, start:end] = (logits.argmax(-1) == y).cpu()
