@@ -70,7 +70,10 @@ def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.
     if k.dtype not in build.DTYPE_IDS or T == 0 or B == 0 or C == 0:
         return wkv_retro_reference(time_decay, time_first, k, v, medium_decay, mk, mv, interval, state)
     dev = k.device
-    f32 = lambda t: t.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
+    def f32(t):
+        if t.dtype == torch.float32 and t.device == dev and t.is_contiguous():
+            return t
+        return t.to(device=dev, dtype=torch.float32).contiguous()
     empty = k.new_empty(0, dtype=torch.float32)
     phase = int(state.phase) if (state is not None and interval > 0) else 0
     kk = k.contiguous()

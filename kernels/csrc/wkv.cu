@@ -264,11 +264,13 @@ cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
   dim3 grid_chunks((g.C + NTHREADS - 1) / NTHREADS, g.NC, g.B);
   dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
   const int sm2 = 2 * TILE * sizeof(in_t);
-  static bool attr = false;
-  if (!attr) {
+  static bool attr[256] = {};   // the attribute is per device
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 256 || !attr[dev]) {
     cudaFuncSetAttribute(k_fwd_local, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2);
     cudaFuncSetAttribute(k_fwd_out, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2);
-    attr = true;
+    if (dev >= 0 && dev < 256) attr[dev] = true;
   }
   k_fwd_local<<<grid_chunks, blk, sm2, stream>>>(A);
   k_fwd_scan<<<grid_scan, dim3(NSCAN), 0, stream>>>(A);
@@ -548,11 +550,13 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   dim3 grid_chunks(cb, g.NC, g.B);
   dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
   const int sm3 = 3 * TILE * sizeof(in_t);
-  static bool attr = false;
-  if (!attr) {
+  static bool attr[256] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 256 || !attr[dev]) {
     cudaFuncSetAttribute(k_bwd_local, cudaFuncAttributeMaxDynamicSharedMemorySize, sm3);
     cudaFuncSetAttribute(k_bwd_out, cudaFuncAttributeMaxDynamicSharedMemorySize, sm3);
-    attr = true;
+    if (dev >= 0 && dev < 256) attr[dev] = true;
   }
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
   k_bwd_scan<<<grid_scan, dim3(NSCAN), 0, stream>>>(A);
