@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -86,6 +87,8 @@ def checkpoint_state_dict(tag_dir: Path) -> Dict[str, torch.Tensor]:
     layer_files = sorted(tag_dir.glob("layer_*-model_states.pt"))
     if layer_files:
         return pipeline_state_dict(tag_dir, layer_files)
+    if list(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return bf16_optimizer_state_dict(tag_dir)
     if list(tag_dir.glob("*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         try:
@@ -100,6 +103,28 @@ def checkpoint_state_dict(tag_dir: Path) -> Dict[str, torch.Tensor]:
         return {k: v.float() for k, v in _torch_load(single)["module"].items()}
     raise UserError(f"checkpoint {tag_dir} holds no DeepSpeed model files (*_model_states.pt); "
                     f"pass a training run's OUT_DIR or one of its checkpoints/step<N> directories")
+
+
+def bf16_optimizer_state_dict(tag_dir: Path) -> Dict[str, torch.Tensor]:
+    """fp32 master weights of a bf16 run with ZeRO 0/1 (DeepSpeed's BF16_Optimizer).
+
+    Its files hold the same flat fp32 partitions as ZeRO-1/2 but no `zero_stage` entry, which
+    get_fp32_state_dict_from_zero_checkpoint needs; DeepSpeed's own ZeRO-2 merge reassembles them.
+    """
+    from deepspeed.utils import zero_to_fp32 as z
+    files = sorted(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"),
+                   key=lambda p: int(re.search(r"rank_(\d+)_", p.name).group(1)))
+    states = [_torch_load(f)["optimizer_state_dict"] for f in files]
+    counts = states[0]["partition_count"]
+    world = max(counts) if isinstance(counts, list) else counts
+    if world != len(files):
+        raise UserError(f"checkpoint {tag_dir} was written by {world} ranks but holds {len(files)} optimizer files; "
+                        f"it is incomplete: export an earlier tag with --tag")
+    with contextlib.redirect_stdout(sys.stderr):
+        models = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
+        sd = z._get_fp32_state_dict_from_zero2_checkpoint(
+            world, [s["single_partition_of_fp32_groups"] for s in states], models, False, None)
+    return {k: v.float() for k, v in sd.items()}
 
 
 def run_tokenizer(out_dir: Path) -> Path:

@@ -147,3 +147,18 @@ def test_export_errors_are_one_line(tmp_path):
         err = [l for l in p.stderr.splitlines() if l.startswith("error:")]
         assert p.returncode == 2 and len(err) == 1 and message in err[0], (args, p.stderr[-1500:])
         assert "Traceback" not in p.stderr
+
+
+def test_bf16_zero1_export_gives_the_fp32_master_weights(tmp_path, cache_dir):
+    """bf16 with ZeRO 0/1 runs DeepSpeed's BF16_Optimizer, whose files zero_to_fp32 cannot parse alone."""
+    out = tmp_path / "run"
+    p = run(pretrain_cmd(out, cache_dir, ["train.max_steps=1", "train.precision=bf16", "parallel.zero_stage=1"]))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = export("--checkpoint", out, "--output", tmp_path / "model")
+    assert p.returncode == 0, p.stderr[-2000:]
+    module = torch.load(out / "checkpoints" / "step1" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    exported = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert set(exported) == set(module) and {v.dtype for v in exported.values()} == {torch.float32}
+    for k, v in module.items():                     # the masters round to the bf16 weights the run computed with
+        assert v.dtype == torch.bfloat16 and torch.equal(exported[k].to(torch.bfloat16), v), k
+    assert any(not torch.equal(exported[k], v.float()) for k, v in module.items())  # ... and hold more than bf16
