@@ -32,7 +32,7 @@ def main(argv):
     resume_dir = checkpoint.find_resume_dir(out, cfg.run.resume)
     client = {"step": 0, "tokens": 0}
     if resume_dir is not None:                                                # model, optimizer, data, RNG
-        client = checkpoint.load(engine, resume_dir, dist.rank, dist.world_size, R.model_fields(cfg))
+        client = checkpoint.load(engine, resume_dir, dist.rank, layout.data_parallel, R.model_fields(cfg))
         batches.load_state_dict(checkpoint.merged_lanes(client))
         checkpoint.set_rng_state(client["mine"]["rng"])
     step, tokens = client["step"], client["tokens"]
@@ -56,7 +56,7 @@ def main(argv):
             R.say(dist, f"data exhausted after {step} steps")
             break
         lr, skipped_before = current_lr(engine), engine.skipped_steps
-        loss = train_step(engine, micro, dist.device)
+        loss = train_step(engine, micro, dist.device, step + 1)
         step, tokens = step + 1, tokens + timer.step_tokens
         watchdog.beat(step)
         timer.tick()

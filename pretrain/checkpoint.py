@@ -1,16 +1,22 @@
 """Training checkpoints: DeepSpeed's model/optimizer/scheduler state plus every rank's data position and RNG.
 
-DeepSpeed writes client state from rank 0 only, so each rank's stream state and RNG state are
-gathered to rank 0 and stored as a list indexed by rank. A checkpoint is a DeepSpeed tag
-directory `step{N}` under OUT_DIR/checkpoints; DeepSpeed's `latest` file names the newest one and
-is written only after all of its files are, so a run killed mid-save resumes from the previous tag.
+DeepSpeed writes client state from rank 0 only, so each rank's data position (its lanes) and RNG
+state are gathered and stored as a list indexed by rank. A checkpoint is a DeepSpeed tag
+directory `step{N}` under OUT_DIR/checkpoints. The `latest` file naming the newest tag is
+replaced atomically (write + rename) only after every rank has finished writing its files, so a
+run killed mid-save resumes from the previous tag, and a torn `step{N}` is never loaded.
+Loading goes through DeepSpeed's loader, which unpickles its own files (torch.load with
+weights_only=False): load checkpoints only from sources you trust.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 TAG_RE = re.compile(r"^step(\d+)$")
+SIDECAR = "rrwkv.json"  # our metadata of a tag; written last, so a tag without it is incomplete
 
 
 def rng_state() -> Dict[str, Any]:
@@ -68,11 +75,25 @@ def save(engine, ckpt_dir: Path, step: int, client: Dict[str, Any], per_rank: Di
     """Collective: every rank calls it. `per_rank` is this rank's own state (stream, RNG)."""
     ranks = gather_objects(per_rank)
     client = dict(client, step=step, ranks=ranks, world_size=len(ranks))
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client, save_latest=True)
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     if dist.is_initialized():
         dist.barrier()
+    fault_delay = float(os.environ.get("RRWKV_FAULT_SAVE_DELAY_S", "0"))  # tests: a window to kill a save in
+    if fault_delay:
+        time.sleep(fault_delay)
+    if engine.global_rank == 0:  # written last: a tag without it is incomplete
+        write_atomic(ckpt_dir / tag / SIDECAR, json.dumps(
+            {"step": step, "world_size": len(ranks), "dp_size": engine.dp_world_size,
+             "zero_stage": engine.zero_optimization_stage(), "model_config": client.get("model_config")}))
+    fault_delay = float(os.environ.get("RRWKV_FAULT_SAVE_DELAY_S", "0"))  # tests: a window to kill a save in
+    if fault_delay:
+        time.sleep(fault_delay)
     if engine.global_rank == 0:
+        write_atomic(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep_last)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -85,28 +106,53 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, rank: int, world_size: int, model_config: Dict[str, Any]) -> Dict[str, Any]:
-    """Load model/optimizer/scheduler; return the client state with this rank's entry as `mine`."""
+def load(engine, ckpt_dir: Path, rank: int, dp_size: int, model_config: Dict[str, Any]) -> Dict[str, Any]:
+    """Load model/optimizer/scheduler; return the client state with this rank's entry as `mine`.
+
+    A checkpoint written by another number of data-parallel ranks is converted once to DeepSpeed's
+    universal format (`step<N>_universal`, beside it) and loaded from there.
+    """
     latest = ckpt_dir / "latest"
     tag = latest.read_text().strip() if latest.exists() else None
     if tag is None and TAG_RE.match(ckpt_dir.name):
         ckpt_dir, tag = ckpt_dir.parent, ckpt_dir.name
-    if tag is None or not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"no checkpoint tag found in {ckpt_dir} (expected a 'latest' file or a step<N> "
-                                f"directory); point run.resume at OUT_DIR or OUT_DIR/checkpoints/step<N>")
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    if tag is None or not (ckpt_dir / tag / SIDECAR).is_file():
+        raise FileNotFoundError(f"no complete checkpoint found in {ckpt_dir} (expected a 'latest' file naming a "
+                                f"step<N> directory with {SIDECAR}); point run.resume at OUT_DIR or "
+                                f"OUT_DIR/checkpoints/step<N>")
+    meta = json.loads((ckpt_dir / tag / SIDECAR).read_text())
+    if meta["model_config"] != model_config:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with model {meta['model_config']}, but the "
+                         f"config asks for {model_config}; use the same model.* settings or a new run.out_dir")
+    load_tag = tag
+    if meta["dp_size"] != dp_size and engine.zero_optimization_stage() > 0:
+        load_tag = to_universal(ckpt_dir, tag, rank)
+        engine._config.load_universal_checkpoint = True
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_module_strict=True)
     if path is None or client is None:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded (incomplete or corrupt); delete that "
                            f"directory and point {ckpt_dir / 'latest'} at the previous step<N> to resume from it")
-    saved_model = client.get("model_config")
-    if saved_model is not None and saved_model != model_config:
-        raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with model {saved_model}, but the config asks "
-                         f"for {model_config}; use the same model.* settings or a new run.out_dir")
-    if client.get("world_size") != world_size:
-        raise ValueError(f"checkpoint {ckpt_dir / tag} was written by {client.get('world_size')} data-parallel ranks "
-                         f"but this run has {world_size}; resume with the same number of processes")
-    client["mine"] = client["ranks"][rank]
+    ranks = client["ranks"]
+    client["mine"] = ranks[rank] if rank < len(ranks) else ranks[0]
     return client
+
+
+def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
+    """Convert ckpt_dir/tag to DeepSpeed's universal checkpoint (once; rank 0 converts, others wait)."""
+    out = f"{tag}_universal"
+    done = ckpt_dir / out / SIDECAR
+    if rank == 0 and not done.exists():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+        shutil.rmtree(ckpt_dir / out, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(ckpt_dir / out),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=True)
+        ds_to_universal(args)
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # ours is `latest`; theirs would confuse
+        shutil.copy(ckpt_dir / tag / SIDECAR, done)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
 
 
 def merged_lanes(client: Dict[str, Any]) -> Dict[int, Any]:
@@ -119,5 +165,8 @@ def merged_lanes(client: Dict[str, Any]) -> Dict[int, Any]:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -6,6 +6,7 @@ DeepSpeed config written from the experiment config.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -140,7 +141,13 @@ def is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def train_step(engine, batches, device: torch.device) -> float:
+def injected_fault(step: int) -> bool:
+    """Tests: RRWKV_FAULT_NONFINITE_STEPS=3,5 makes the loss of those (1-based) steps infinite."""
+    spec = os.environ.get("RRWKV_FAULT_NONFINITE_STEPS", "")
+    return str(step) in spec.split(",")
+
+
+def train_step(engine, batches, device: torch.device, step: int = 0) -> float:
     """One optimizer step over `grad_accum` micro-batches; returns the loss averaged over all ranks."""
     if is_pipeline(engine):  # the pipeline engine schedules the micro-batches itself
         return float(engine.train_batch(data_iter=iter(batches)))
@@ -149,6 +156,8 @@ def train_step(engine, batches, device: torch.device) -> float:
     for input_ids, labels in batches:
         input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = lm_loss(engine(input_ids), labels)
+        if injected_fault(step):
+            loss = loss * float("inf")
         engine.backward(loss)
         engine.step()
         total += loss.detach().double()

@@ -238,10 +238,20 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (its threads otherwise abort the interpreter at exit)."""
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def run_main(main, argv) -> int:
     """Run `main`, turning user errors into one line on stderr and exit status 2."""
     try:
-        return main(argv) or 0
+        code = main(argv) or 0
+        shutdown()
+        return code
     except (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError) as e:
         if isinstance(e, ValueError) and not isinstance(e, ConfigError) and os.environ.get("RRWKV_TRACEBACK"):
             raise
