@@ -27,10 +27,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """The task count of node `node_id` in SLURM's compressed list, e.g. "2(x3),1" -> 2, 2, 2, 1 (0: unknown)."""
+    counts = []
+    for part in filter(None, tasks_per_node.split(",")):
+        n, _, rep = part.partition("(x")
+        try:
+            counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+        except ValueError:
+            return 0
+    return counts[node_id] if 0 <= node_id < len(counts) else 0
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> Dist:
     """Join (or create) the process group: nccl on GPUs, gloo on CPUs.
 
-    Works under the deepspeed launcher, torchrun, srun (SLURM_* mapped to RANK/WORLD_SIZE) and as a
+    Works under the deepspeed launcher, torchrun, srun (SLURM_* mapped to RANK/WORLD_SIZE/LOCAL_RANK/
+    LOCAL_WORLD_SIZE; MASTER_ADDR/MASTER_PORT must be set) and as a
     plain single process. On CPUs each local rank gets its share of the cores as torch threads.
     """
     import datetime
@@ -41,6 +54,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> Dist:
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        here = slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""),
+                                   int(env.get("SLURM_NODEID", "0")))
+        if here and "LOCAL_WORLD_SIZE" not in env:
+            env["LOCAL_WORLD_SIZE"] = str(here)
     if "RANK" not in env:  # one plain process
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
