@@ -40,7 +40,8 @@ def main(argv):
     log = MetricsLogger(out, cfg, cfg.train.max_steps, step, dist.is_main, client.get("wandb_id"))
     peak, peak_name = device_peak(dist.device, cfg.train.peak_tflops)
     flops = flops_per_token(R.model_config(cfg))
-    timer = StepTimer(layout.global_batch_size * cfg.data.seq_len, flops, peak, dist.world_size)
+    timer = StepTimer(layout.global_batch_size * cfg.data.seq_len, flops, peak, dist.world_size,
+                      recompute=cfg.train.activation_checkpointing)
     stop, bad, watchdog = faults.StopRequest(), faults.BadSteps(cfg.train.max_bad_steps), \
         faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
     R.announce(cfg, dist, layout, flops, peak_name, resume_dir, step)
@@ -51,12 +52,14 @@ def main(argv):
                         {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
 
     while step < cfg.train.max_steps:                                         # loop
+        t_data = time.perf_counter()
         micro = batches.next_step()
+        timer.data_wait(time.perf_counter() - t_data)
         if micro is None:
             R.say(dist, f"data exhausted after {step} steps")
             break
         lr, skipped_before = current_lr(engine), engine.skipped_steps
-        loss = train_step(engine, micro, dist.device, step + 1)
+        loss = train_step(engine, micro, dist.device, step + 1, cfg.train.l2wrap)
         step, tokens = step + 1, tokens + timer.step_tokens
         watchdog.beat(step)
         timer.tick()

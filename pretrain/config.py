@@ -68,6 +68,7 @@ class OptimSection:
 @dataclass
 class TrainSection:
     max_steps: int = 100
+    max_tokens: int = 0                  # > 0: train this many tokens (sets max_steps from the global batch)
     global_batch_size: int = 0           # 0: micro_batch_size x data-parallel ranks (no accumulation)
     precision: str = "fp32"              # bf16 | fp16 | fp32
     log_every: int = 10
@@ -78,12 +79,14 @@ class TrainSection:
     activation_checkpointing: bool = False
     peak_tflops: Optional[float] = None  # for MFU; default: the card's dense bf16 peak, or measured on CPU
     max_bad_steps: int = 10              # stop after this many non-finite steps in a row (0: never)
+    l2wrap: bool = True                  # RWKV-4's logit regularizer
 
 
 @dataclass
 class ParallelSection:
     zero_stage: int = 2
     pipeline_stages: int = 1
+    partition_method: str = "parameters"  # pipeline stage balance: parameters | uniform | type:BlockPipe
     offload: str = "none"                # none | optimizer | all
     timeout_minutes: float = 30.0        # collective operations time out after this
     stall_timeout_s: float = 900.0       # report a rank whose step has not advanced for this long (0: off)
@@ -200,7 +203,7 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be a positive integer, got {OmegaConf.select(cfg, key)}")
-    for key in ["model.medium_interval", "train.global_batch_size", "train.save_every", "train.eval_every",
+    for key in ["model.medium_interval", "train.global_batch_size", "train.max_tokens", "train.save_every", "train.eval_every",
                 "data.num_workers", "optim.warmup_steps"]:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")

@@ -57,6 +57,8 @@ def batch_layout(cfg: DictConfig, data_parallel: int, dp_rank: int) -> BatchLayo
     if gbs % (mbs * data_parallel):
         raise ConfigError(f"train.global_batch_size ({gbs}) must be a multiple of data.micro_batch_size ({mbs}) "
                           f"x data-parallel ranks ({data_parallel})")
+    if cfg.train.max_tokens:  # the run's length in tokens: whole steps of the global batch
+        cfg.train.max_steps = -(-cfg.train.max_tokens // (gbs * cfg.data.seq_len))
     return BatchLayout(mbs, gbs // (mbs * data_parallel), gbs, data_parallel, dp_rank)
 
 
@@ -123,9 +125,29 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, layout: BatchLayout, d
     return engine
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+class L2Wrap(torch.autograd.Function):
+    """RWKV-4's logit regularizer: identity on the loss; in backward, a push of 1e-4 / (B*T) times the
+    largest logit of each position back down (it keeps logits from drifting up in bf16)."""
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        top, ids = torch.max(logits, -1, keepdim=True)
+        g = torch.zeros_like(logits)
+        g.scatter_(-1, ids, top * factor)
+        return grad_output, g * grad_output.to(g.dtype)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, l2wrap: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32 (with RWKV-4's L2Wrap in backward if asked)."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return L2Wrap.apply(loss, logits) if l2wrap else loss
 
 
 def current_lr(engine) -> float:
@@ -147,7 +169,7 @@ def injected_fault(step: int) -> bool:
     return str(step) in spec.split(",")
 
 
-def train_step(engine, batches, device: torch.device, step: int = 0) -> float:
+def train_step(engine, batches, device: torch.device, step: int = 0, l2wrap: bool = False) -> float:
     """One optimizer step over `grad_accum` micro-batches; returns the loss averaged over all ranks."""
     if is_pipeline(engine):  # the pipeline engine schedules the micro-batches itself
         return float(engine.train_batch(data_iter=iter(batches)))
@@ -155,7 +177,7 @@ def train_step(engine, batches, device: torch.device, step: int = 0) -> float:
     n = 0
     for input_ids, labels in batches:
         input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = lm_loss(engine(input_ids), labels)
+        loss = lm_loss(engine(input_ids), labels, l2wrap)
         if injected_fault(step):
             loss = loss * float("inf")
         engine.backward(loss)

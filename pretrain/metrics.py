@@ -39,13 +39,20 @@ class StepTimer:
 
     Saves and evaluations are left out of the window (`pause`)."""
 
-    def __init__(self, step_tokens: int, flops_per_token: float, peak: float, devices: int):
+    def __init__(self, step_tokens: int, flops_per_token: float, peak: float, devices: int,
+                 recompute: bool = False):
         self.step_tokens, self.flops, self.peak, self.devices = step_tokens, flops_per_token, peak, devices
+        # Hardware FLOPs: activation checkpointing runs each forward twice (8N instead of 6N per token).
+        self.hw_factor = 8.0 / 6.0 if recompute else 1.0
         self.train_time, self.train_steps = 0.0, 0
         self.pause()
 
     def pause(self) -> None:
-        self.t0, self.steps = time.perf_counter(), 0
+        self.t0, self.steps, self.data_s = time.perf_counter(), 0, 0.0
+
+    def data_wait(self, seconds: float) -> None:
+        """Time the loop spent waiting for the next batch (part of the step time)."""
+        self.data_s += seconds
 
     def tick(self) -> None:
         self.steps += 1
@@ -59,9 +66,12 @@ class StepTimer:
         tps = self.steps * self.step_tokens / dt
         per_device = tps * self.flops / self.devices
         eta = (max_steps - step) * self.train_time / max(self.train_steps, 1)
+        row = {"tokens_per_s": tps, "tflops_per_device": per_device / 1e12, "mfu": per_device / self.peak,
+               "eta_s": eta, "data_wait_frac": self.data_s / dt}
+        if self.hw_factor != 1.0:
+            row["hfu"] = row["mfu"] * self.hw_factor
         self.pause()
-        return {"tokens_per_s": tps, "tflops_per_device": per_device / 1e12, "mfu": per_device / self.peak,
-                "eta_s": eta}
+        return row
 
 
 def device_peak(device: torch.device, override: Optional[float]) -> Tuple[float, str]:

@@ -6,6 +6,8 @@ run starts from the same weights as a single-process run. The model file knows n
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -44,15 +46,20 @@ class HeadPipe(nn.Module):
 
 
 def pipeline_model(cfg: RRWKVConfig, stages: int, seed: int, activation_checkpointing: bool,
-                   partition_method: str = "parameters"):
+                   partition_method: str = "parameters", l2wrap: bool = False):
     """A PipelineModule over `stages` stages (DeepSpeed's process groups must exist)."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
     layers = [LayerSpec(EmbeddingPipe, cfg, seed)]
     layers += [LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.n_layer)]
     layers += [LayerSpec(HeadPipe, cfg, seed)]
-    return PipelineModule(layers=layers, num_stages=stages, loss_fn=lm_loss, partition_method=partition_method,
-                          activation_checkpoint_interval=1 if activation_checkpointing else 0)
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+
+    loss_fn = functools.partial(lm_loss, l2wrap=l2wrap)
+    # Recompute blocks only (never the embedding, whose input needs no grad), non-reentrant.
+    return PipelineModule(layers=layers, num_stages=stages, loss_fn=loss_fn, partition_method=partition_method,
+                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                          activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["BlockPipe"])
 
 
 def data_parallel_rank(pipe) -> int:

@@ -157,7 +157,7 @@ def build_model(cfg: DictConfig, d: Dist):
             raise ConfigError("run.init_from is not supported with parallel.pipeline_stages > 1 yet; fine-tune "
                               "without pipeline stages")
         pipe = pipeline_model(model_config(cfg), cfg.parallel.pipeline_stages, cfg.run.seed,
-                              cfg.train.activation_checkpointing)
+                              cfg.train.activation_checkpointing, cfg.parallel.partition_method, cfg.train.l2wrap)
         return pipe, data_parallel_rank(pipe)
     from .model import RRWKV
     model = RRWKV(model_config(cfg), init_seed=cfg.run.seed)

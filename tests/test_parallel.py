@@ -15,11 +15,13 @@ from tests.runs import ROOT, env, losses, pretrain_cmd, run
 STEPS = ["train.max_steps=6", "train.save_every=2", "train.keep_last=3"]
 LAYOUTS = {  # name: (ranks, overrides); every one has the global batch of 8 rows
     "one_process_micro8": (1, ["data.micro_batch_size=8"]),
-    "one_process_micro4x2": (1, ["data.micro_batch_size=4"]),
+    "one_process_micro4x2_recompute": (1, ["data.micro_batch_size=4", "train.activation_checkpointing=true"]),
     "zero1_2ranks": (2, ["parallel.zero_stage=1"]),
     "zero2_2ranks_micro2x2": (2, ["parallel.zero_stage=2", "data.micro_batch_size=2"]),
-    "zero3_2ranks": (2, ["parallel.zero_stage=3"]),
+    "zero3_2ranks_offload": (2, ["parallel.zero_stage=3", "parallel.offload=all"]),
     "pipeline_2stages": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
+    "pipeline_2stages_recompute": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1",
+                                       "train.activation_checkpointing=true"]),
 }
 
 
