@@ -83,7 +83,7 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
         zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     o = cfg.optim
     adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
-    if device.type != "cuda" and offload == "none":
+    if offload == "none" and (device.type != "cuda" or not o.fused_adam):
         adam["torch_adam"] = True  # FusedAdam is CUDA-only
     ds = {
         "train_batch_size": layout.global_batch_size,
