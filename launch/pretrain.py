@@ -42,7 +42,7 @@ def main(argv):
     flops = flops_per_token(R.model_config(cfg))
     timer = StepTimer(layout.global_batch_size * cfg.data.seq_len, flops, peak, dist.world_size,
                       recompute=cfg.train.activation_checkpointing)
-    stop, bad, watchdog = faults.StopRequest(), faults.BadSteps(cfg.train.max_bad_steps), \
+    stop, bad, watchdog = faults.StopRequest(), faults.BadSteps(cfg.train.max_bad_steps, cfg.train.precision == "fp16"), \
         faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
     R.announce(cfg, dist, layout, flops, peak_name, resume_dir, step)
 
@@ -63,15 +63,17 @@ def main(argv):
         step, tokens = step + 1, tokens + timer.step_tokens
         watchdog.beat(step)
         timer.tick()
-        if bad.update(loss, engine.skipped_steps > skipped_before):
-            log.log({"step": step, "event": "skipped_step", "loss": loss, "bad_in_a_row": bad.in_a_row})
+        kind = bad.update(loss, engine.skipped_steps > skipped_before)
+        if kind:
+            log.log({"step": step, "event": f"skipped_step_{kind}", "loss": loss, "bad_in_a_row": bad.in_a_row})
             if bad.exceeded:
                 R.say(dist, f"error: {bad.in_a_row} non-finite steps in a row (train.max_bad_steps); stopping "
                             f"without saving, the last good checkpoint is kept", err=True)
                 return faults.BAD_STEPS_EXIT
         if step % cfg.train.log_every == 0 or step in (1, cfg.train.max_steps):
-            log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens, **timer.rates(step, cfg.train.max_steps, dist.device),
-                     "skipped_steps": bad.total, **R.memory_stats(dist.device)})
+            log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
+                     **timer.rates(step, cfg.train.max_steps, dist.device), "skipped_steps": bad.total,
+                     "overflow_steps": bad.overflows, **R.memory_stats(dist.device)})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and sources.valid:
             val = evaluate(engine, R.valid_batches(cfg, sources, layout), dist.device)
             log.log({"step": step, "val_loss": val, "val_ppl": R.perplexity(val)})

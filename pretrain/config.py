@@ -81,6 +81,7 @@ class TrainSection:
     peak_tflops: Optional[float] = None  # for MFU; default: the card's dense bf16 peak, or measured on CPU
     max_bad_steps: int = 10              # stop after this many non-finite steps in a row (0: never)
     l2wrap: bool = True                  # RWKV-4's logit regularizer
+    fp16_initial_scale_power: int = 12   # fp16 dynamic loss scaling starts at 2**this
 
 
 @dataclass

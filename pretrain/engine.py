@@ -93,7 +93,7 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_optimization": zero,
         "bf16": {"enabled": prec == "bf16"},
-        "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": cfg.train.fp16_initial_scale_power},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

@@ -45,17 +45,24 @@ class StopRequest:
 
 
 class BadSteps:
-    """Counts steps whose loss or gradient norm was not finite (DeepSpeed skipped their update)."""
+    """Counts skipped steps. A step is *bad* when its loss is not finite, or when DeepSpeed skipped it
+    for a non-finite gradient norm outside fp16. In fp16 a skip with a finite loss is the dynamic loss
+    scaler backing off (normal at the start of a run): counted as an overflow, not as bad."""
 
-    def __init__(self, limit: int):
-        self.limit, self.in_a_row, self.total = limit, 0, 0
+    def __init__(self, limit: int, fp16: bool = False):
+        self.limit, self.fp16 = limit, fp16
+        self.in_a_row, self.total, self.overflows = 0, 0, 0
 
-    def update(self, loss: float, skipped: bool) -> bool:
-        """Record one step; True when it was bad."""
-        bad = skipped or not (loss == loss and abs(loss) != float("inf"))
+    def update(self, loss: float, skipped: bool) -> str:
+        """Record one step: '' (applied), 'overflow' (fp16 loss-scale skip) or 'bad'."""
+        finite = loss == loss and abs(loss) != float("inf")
+        if skipped and finite and self.fp16:
+            self.overflows += 1
+            return "overflow"
+        bad = skipped or not finite
         self.in_a_row = self.in_a_row + 1 if bad else 0
         self.total += int(bad)
-        return bad
+        return "bad" if bad else ""
 
     @property
     def exceeded(self) -> bool:

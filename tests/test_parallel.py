@@ -125,7 +125,7 @@ def test_nonfinite_step_is_skipped_and_counted(cache_dir, tmp_path, precision):
                        cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("event") == "skipped_step" and r["step"] == 2 for r in rows)
+    assert any(r.get("event") == "skipped_step_bad" and r["step"] == 2 for r in rows)
     last = [r for r in rows if r["step"] == 3 and "lr" in r][0]
     assert last["skipped_steps"] == 1 and last["loss"] == last["loss"] and abs(last["loss"]) < 20
     # The skipped step left the weights and the schedule alone: step 3 ran at step 2's lr.
