@@ -281,3 +281,25 @@ def test_preprocess_array_job_merges_its_slices(cluster, tmp_path):
     assert [(s["docs"], s["tokens"]) for s in b.shards] == [(s["docs"], s["tokens"]) for s in a.shards]
     assert b.total_tokens == a.total_tokens
     assert cli(["verify", str(out)]) == 0
+
+
+def test_deepspeed_no_ssh_two_node_ranks(cache_dir, tmp_path):
+    """docs/cluster.md's multi-node launch without ssh: the same `deepspeed --hostfile --no_ssh` command
+    on every node with its own --node_rank (here two "nodes" of one CPU process each on this machine)."""
+    from tests.runs import free_port
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+    out, port = tmp_path / "out", free_port()
+    args = ["--config", "configs/tiny.yaml", f"run.out_dir={out}", f"data.cache_dir={cache_dir}", *SMALL, *STEPS]
+    procs = [subprocess.Popen(["deepspeed", "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(r),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/pretrain.py",
+                               *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "done: step 8" in logs[0] and "done: step 8" not in logs[1]   # rank 0 is on node rank 0
+    run = json.loads((out / "runs.jsonl").read_text())
+    assert run["world_size"] == 2
+    assert sorted(losses(out)) == list(range(1, 9))
+    meta = json.loads((out / "checkpoints" / "step8" / "rrwkv.json").read_text())
+    assert meta["world_size"] == 2 and meta["dp_size"] == 2
