@@ -48,7 +48,7 @@ class DataSection:
     valid: Any = None
     seq_len: int = 256
     micro_batch_size: int = 8
-    num_workers: int = 0
+    num_workers: int = 0                 # DataLoader workers of the validation stream (training lanes: in process)
     cache_dir: Optional[str] = None      # built-in corpus cache; default $RRWKV_CACHE_DIR or ~/.cache/rrwkv
 
 

@@ -47,8 +47,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> Dist:
     plain single process. On CPUs each local rank gets its share of the cores as torch threads.
     """
     import datetime
+    import warnings
 
     import deepspeed
+
+    # DeepSpeed calls torch.distributed functions that torch has deprecated: one warning per call,
+    # thousands per run, nothing for the user to do.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:

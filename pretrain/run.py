@@ -127,7 +127,7 @@ def valid_batches(cfg: DictConfig, src: DataSources, layout):
     """The first train.eval_batches batches of this rank's part of data.valid (the same every time)."""
     from .data import TokenStream
     stream = TokenStream(src.valid, cfg.data.seq_len, cfg.data.micro_batch_size, rank=layout.dp_rank,
-                         world_size=layout.data_parallel, num_workers=0, seed=0, max_epochs=1)
+                         world_size=layout.data_parallel, num_workers=cfg.data.num_workers, seed=0, max_epochs=1)
     return itertools.islice(iter(stream), cfg.train.eval_batches)
 
 
