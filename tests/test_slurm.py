@@ -230,6 +230,24 @@ def test_preemption_signal_checkpoints_every_rank_and_requeues(cluster, referenc
 
 
 @needs_slurm
+def test_time_limit_signal_checkpoints_and_requeues(cluster, cache_dir, tmp_path):
+    """The --signal=B:USR1@SECONDS option itself: a 2-minute job is signalled 90 s before its limit."""
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    long_run = ["train.max_steps=20000", "train.save_every=5000", "train.log_every=100"]
+    jid = sbatch(cluster, ["--time=2", "--signal=B:USR1@90", *pretrain_args(out, cache_dir, long_run)], log, CPU)
+    wait_for("the requeue", lambda: job(jid)["Restarts"] == "1", 150, log)
+    resumed = wait_for("the restart to resume", lambda: re.search(
+        r"resumed from \S+ at step (\d+)", "".join(starts(log.read_text(), jid)[1:])), 120, log)
+    subprocess.run(["scancel", jid], check=True)
+    wait_done(jid, log, timeout=90)
+    first = starts(log.read_text(), jid)[0]
+    assert "pretrain.sbatch: got SIGUSR1" in first and f"requeueing job {jid}" in first, first[-3000:]
+    saved = re.search(r"stopped on signal after saving step (\d+)", first)
+    assert saved and saved.group(1) == resumed.group(1)
+    assert (out / "checkpoints" / f"step{saved.group(1)}" / "rrwkv.json").is_file()
+
+
+@needs_slurm
 def test_bad_input_fails_without_requeue(cluster, cache_dir, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job.log"
     jid = sbatch(cluster, pretrain_args(out, cache_dir, ["train.max_step=5"]), log, CPU)
