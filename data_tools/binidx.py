@@ -25,7 +25,7 @@ import numpy as np
 from .errors import DataError
 from .manifest import MANIFEST, dtype_for_vocab
 from .progress import Progress
-from .shards import DEFAULT_SHARD_TOKENS, TokenizeResult, WORK, _UnitShardWriter, _finish
+from .shards import DEFAULT_SHARD_TOKENS, TokenizeResult, WORK, _UnitShardWriter, _finish, commit_unit
 from .tokenizer import Tokenizer
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -89,12 +89,8 @@ def _run_unit(prefix: str, unit: int, lo: int, hi: int, settings: dict, work: Pa
     writer.close()
     report = {"path": f"{prefix}.bin", "docs_read": hi - lo, "docs_written": n_docs,
               "lines": hi - lo, "skipped": {"empty": empty} if empty else {}, "examples": []}
-    result = {"unit": unit, "shards": writer.shards, "docs": n_docs, "tokens": n_tokens,
-              "reports": [report]}
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(result, sort_keys=True))
-    os.replace(tmp, done)
-    return result
+    return commit_unit(done, {"unit": unit, "shards": writer.shards, "docs": n_docs, "tokens": n_tokens,
+                              "reports": [report]})
 
 
 def _run_unit_star(args):

@@ -169,6 +169,11 @@ def run_unit(unit: WorkUnit, settings: Settings, work: Path) -> dict:
         r.docs_written = r.docs_read - sum(r.skipped.values())
     result = {"unit": unit.index, "shards": writer.shards, "docs": n_docs, "tokens": n_tokens,
               "reports": [reports[p].to_json() for p in sorted(reports)]}
+    return commit_unit(done, result)
+
+
+def commit_unit(done: Path, result: dict) -> dict:
+    """Record a finished work unit atomically: a rerun skips units whose record exists."""
     tmp = done.with_name(done.name + ".tmp")
     tmp.write_text(json.dumps(result, sort_keys=True))
     os.replace(tmp, done)
