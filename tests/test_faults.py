@@ -1,9 +1,7 @@
 """Fault handling pieces in isolation, and fine-tuning from an exported model (run.init_from)."""
-import io
 import json
 import sys
 import time
-from contextlib import redirect_stderr
 
 from pretrain.faults import BadSteps, Watchdog
 from tests.runs import ROOT, losses, pretrain_cmd, run
@@ -21,14 +19,12 @@ def test_bad_steps_counts_in_a_row_and_tells_fp16_overflow_apart():
     assert (f.overflows, f.total, f.in_a_row) == (1, 1, 1)
 
 
-def test_watchdog_reports_a_rank_that_stopped_making_progress():
-    err = io.StringIO()
-    with redirect_stderr(err):
-        w = Watchdog(rank=3, timeout_s=0.4)
-        w.beat(17)
-        time.sleep(1.5)
-        w.close()
-    text = err.getvalue()
+def test_watchdog_reports_a_rank_that_stopped_making_progress(capfd):
+    w = Watchdog(rank=3, timeout_s=0.4)
+    w.beat(17)
+    time.sleep(1.5)
+    w.close()
+    text = capfd.readouterr().err
     assert "rank 3 has made no progress" in text and "after step 17" in text
     assert "Thread" in text or "File" in text       # its stacks follow
 
