@@ -8,9 +8,16 @@ Exit status: 0 done; 2 bad input (one line on stderr); 75 stopped by SIGTERM/SIG
 checkpoint (OUT_DIR/REQUEUE written: start the same command again to continue); 3 too many
 non-finite steps in a row (the last good checkpoint is kept).
 """
+import signal
 import sys
 import time
 from pathlib import Path
+
+# Catch the preemption signals before the slow imports below: a SIGUSR1 / SIGTERM that arrives
+# while torch and DeepSpeed load would otherwise kill the process without a checkpoint.
+EARLY_SIGNALS = []
+for _s in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_s, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,8 +49,9 @@ def main(argv):
     flops = flops_per_token(R.model_config(cfg))
     timer = StepTimer(layout.global_batch_size * cfg.data.seq_len, flops, peak, dist.world_size,
                       recompute=cfg.train.activation_checkpointing)
-    stop, bad, watchdog = faults.StopRequest(), faults.BadSteps(cfg.train.max_bad_steps, cfg.train.precision == "fp16"), \
-        faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
+    stop = faults.StopRequest(EARLY_SIGNALS)
+    bad = faults.BadSteps(cfg.train.max_bad_steps, fp16=cfg.train.precision == "fp16")
+    watchdog = faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
     R.announce(cfg, dist, layout, flops, peak_name, resume_dir, step)
 
     def save():

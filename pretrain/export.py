@@ -7,7 +7,7 @@ Checkpoint layouts, told apart by their files in OUT_DIR/checkpoints/step<N>:
 - ZeRO 1/2/3 (`*_optim_states.pt`): the fp32 master weights, gathered from every rank's partition
   by DeepSpeed's own zero_to_fp32 (so a trained fp32 model is exported bit for bit).
 - ZeRO 0 without a ZeRO optimizer (`mp_rank_00_model_states.pt` only): the module state dict.
-- Pipeline (`layer_XX-model_states.pt`): not read yet; `pipeline_state_dict` is where it goes.
+- Pipeline (`layer_XX-model_states.pt`): each layer's module state, renamed to RRWKV's names.
 """
 from __future__ import annotations
 
@@ -71,15 +71,28 @@ def client_state(tag_dir: Path) -> dict:
     return {}
 
 
-def pipeline_state_dict(tag_dir: Path, layer_files) -> Dict[str, torch.Tensor]:
-    """The seam for DeepSpeed PipelineModule checkpoints (layer_XX-model_states.pt).
+LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
-    Their layer numbering depends on the LayerSpecs of the pipeline wrapping (pretrain/pipeline.py),
-    which will map each layer file's keys back to RRWKV names here.
+
+def pipeline_state_dict(tag_dir: Path, layer_files) -> Dict[str, torch.Tensor]:
+    """Weights of a DeepSpeed PipelineModule checkpoint, by RRWKV parameter name.
+
+    pretrain/pipeline.py lays the model out as layer 0 = embedding, layers 1..n_layer = blocks,
+    layer n_layer+1 = ln_out and head; DeepSpeed saves one layer_XX-model_states.pt per layer with
+    that layer's own state dict. These are the module weights as the run used them (in a bf16 run,
+    the bf16 weights; the fp32 masters stay in the optimizer files).
     """
-    raise UserError(f"checkpoint {tag_dir} is a pipeline checkpoint ({len(layer_files)} layer_XX-model_states.pt "
-                    f"files); export does not read pipeline checkpoints yet: resume it with "
-                    f"parallel.pipeline_stages=1 for one step and export that checkpoint")
+    by_index = {int(LAYER_FILE.match(f.name).group(1)): f for f in layer_files if LAYER_FILE.match(f.name)}
+    n = len(by_index)
+    if sorted(by_index) != list(range(n)) or n < 3:
+        raise UserError(f"pipeline checkpoint {tag_dir} has layer files {sorted(by_index)}; expected layer_00 .. "
+                        f"layer_NN without gaps (a stage's files missing?): export an earlier tag with --tag")
+    state: Dict[str, torch.Tensor] = {}
+    for i, f in sorted(by_index.items()):
+        prefix = f"blocks.{i - 1}." if 0 < i < n - 1 else ""
+        for k, v in _torch_load(f).items():
+            state[prefix + k] = v.float()
+    return state
 
 
 def checkpoint_state_dict(tag_dir: Path) -> Dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,10 +26,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     """Catches STOP_SIGNALS; `agreed()` is collective and true on every rank once any rank got one."""
 
-    def __init__(self):
+    def __init__(self, already: Sequence[int] = ()):
+        """`already`: signals caught before this was set up (during start-up)."""
         self.signum: Optional[int] = None
         for s in STOP_SIGNALS:
             signal.signal(s, self._handle)
+        if already:
+            self._handle(already[0], None)
 
     def _handle(self, signum, frame):
         if self.signum is None:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pretrain.export import load_model, load_tokenizer
 
-from .test_train import env, free_port, pretrain_cmd, run
+from tests.runs import env, free_port, pretrain_cmd, run  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["train.max_steps=2", "model.medium_interval=8"]
@@ -40,11 +40,6 @@ ENGINE_LOGITS = textwrap.dedent("""
     if d.rank == 0:
         torch.save(logits, out_file)
 """)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("rrwkv-cache")
 
 
 def export(*args):
@@ -130,7 +125,7 @@ def test_export_errors_are_one_line(tmp_path):
     pipe = tmp_path / "pipe" / "checkpoints"
     (pipe / "step4").mkdir(parents=True)
     (pipe / "latest").write_text("step4")
-    (pipe / "step4" / "layer_00-model_states.pt").write_bytes(b"")
+    (pipe / "step4" / "layer_00-model_states.pt").write_bytes(b"")   # a pipeline checkpoint missing layers
     torn = tmp_path / "torn" / "checkpoints"
     (torn / "step1").mkdir(parents=True)
     (torn / "latest").write_text("step1")
@@ -138,7 +133,7 @@ def test_export_errors_are_one_line(tmp_path):
     cases = [
         ([tmp_path / "missing"], "--checkpoint", "no such directory"),
         ([tmp_path / "empty"], "--checkpoint", "no checkpoint found"),
-        ([tmp_path / "pipe"], "--checkpoint", "is a pipeline checkpoint"),
+        ([tmp_path / "pipe"], "--checkpoint", "without gaps (a stage's files missing?)"),
         ([tmp_path / "torn"], "--checkpoint", "could not be read"),
         ([pipe.parent, "--tag", "step9"], "--checkpoint", "tags present: ['step4']"),
     ]
@@ -162,3 +157,27 @@ def test_bf16_zero1_export_gives_the_fp32_master_weights(tmp_path, cache_dir):
     for k, v in module.items():                     # the masters round to the bf16 weights the run computed with
         assert v.dtype == torch.bfloat16 and torch.equal(exported[k].to(torch.bfloat16), v), k
     assert any(not torch.equal(exported[k], v.float()) for k, v in module.items())  # ... and hold more than bf16
+
+
+def test_pipeline_checkpoint_exports_the_trained_weights(tmp_path, cache_dir):
+    pipe, flat = tmp_path / "pipe", tmp_path / "flat"
+    p = run(pretrain_cmd(pipe, cache_dir, STEPS + ["parallel.pipeline_stages=2", "parallel.zero_stage=1"], ranks=2))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = run(pretrain_cmd(flat, cache_dir, STEPS + ["data.micro_batch_size=8"]))
+    assert p.returncode == 0, p.stderr[-2000:]
+    for run_dir in (pipe, flat):
+        p = export("--checkpoint", run_dir, "--output", tmp_path / (run_dir.name + "_model"))
+        assert p.returncode == 0, p.stderr[-2000:]
+    got = load_file(str(tmp_path / "pipe_model" / "model.safetensors"))
+    # Exactly the weights of the pipeline stages' layer files, under RRWKV's names...
+    step = (pipe / "checkpoints" / "latest").read_text().strip()
+    block0 = torch.load(pipe / "checkpoints" / step / "layer_01-model_states.pt", weights_only=False)
+    assert torch.equal(got["blocks.0.att.time_decay"], block0["att.time_decay"])
+    # ...and every name maps to the same parameter as in a one-process run of the same steps.
+    flat_sd = load_file(str(tmp_path / "flat_model" / "model.safetensors"))
+    assert set(got) == set(flat_sd)
+    for k in flat_sd:
+        assert torch.allclose(got[k], flat_sd[k], atol=1e-5, rtol=1e-4), k
+    model = load_model(tmp_path / "pipe_model")
+    x = ids(model.cfg.vocab_size)
+    assert torch.isfinite(logits_1thread(model, x)).all()
