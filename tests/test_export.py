@@ -173,11 +173,15 @@ def test_pipeline_checkpoint_exports_the_trained_weights(tmp_path, cache_dir):
     step = (pipe / "checkpoints" / "latest").read_text().strip()
     block0 = torch.load(pipe / "checkpoints" / step / "layer_01-model_states.pt", weights_only=False)
     assert torch.equal(got["blocks.0.att.time_decay"], block0["att.time_decay"])
-    # ...and every name maps to the same parameter as in a one-process run of the same steps.
+    # ...and every name maps to the same parameter as in a one-process run of the same steps (equal up
+    # to float rounding, which Adam's g/sqrt(v) can blow up to lr-sized steps where gradients are ~0;
+    # a wrong mapping would put a different parameter there, off by far more).
     flat_sd = load_file(str(tmp_path / "flat_model" / "model.safetensors"))
     assert set(got) == set(flat_sd)
     for k in flat_sd:
-        assert torch.allclose(got[k], flat_sd[k], atol=1e-5, rtol=1e-4), k
+        diff = (got[k] - flat_sd[k]).abs()
+        assert diff.max() < 1e-2 and diff.mean() < 1e-4, (k, diff.max(), diff.mean())
+    assert (got["blocks.0.ffn.key.weight"] - flat_sd["blocks.1.ffn.key.weight"]).abs().mean() > 1e-2
     model = load_model(tmp_path / "pipe_model")
     x = ids(model.cfg.vocab_size)
     assert torch.isfinite(logits_1thread(model, x)).all()
