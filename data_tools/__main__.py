@@ -17,6 +17,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output", required=True, help="PREFIX: writes PREFIX.model and PREFIX.json")
     t.add_argument("--text-key", default="text", help="JSONL field holding the text")
     t.add_argument("--max-docs", type=int, default=0, help="train on the first N documents (0: all)")
+    t.add_argument("--sample-docs", type=int, default=0,
+                   help="train on a seeded uniform sample of N documents of all inputs (streamed; 0: all)")
+    t.add_argument("--seed", type=int, default=0, help="seed of --sample-docs")
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     t.add_argument("--no-split-digits", action="store_true", help="let merges span digits")
     t.add_argument("--special-tokens", nargs="*", default=[], help="extra user-defined symbols")
@@ -84,11 +87,15 @@ def main(argv=None) -> int:
             docs = read_documents(args.input, args.text_key)
             if args.max_docs:
                 docs = islice(docs, args.max_docs)
+            if args.sample_docs:
+                from .tokenizer import sample_documents
+                docs = sample_documents(docs, args.sample_docs, args.seed)
             path = train_sentencepiece(docs, args.vocab_size, args.output,
                                        model_type=args.model_type,
                                        split_digits=not args.no_split_digits,
                                        user_defined_symbols=args.special_tokens,
-                                       record={"inputs": sorted(args.input)})
+                                       record={"inputs": sorted(args.input), "max_docs": args.max_docs,
+                                               "sample_docs": args.sample_docs, "seed": args.seed})
             print(f"wrote {path} and {path.with_suffix('.json')}")
         elif args.command == "tokenize":
             from .shards import DEFAULT_SHARD_TOKENS, tokenize_files

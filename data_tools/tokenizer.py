@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import random
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -148,6 +149,21 @@ def _training_sentences(documents: Iterable[str]) -> Iterator[str]:
             size += len(line)
         if buf:
             yield "".join(buf)
+
+
+def sample_documents(documents: Iterable[str], n: int, seed: int = 0) -> list[str]:
+    """A uniform random sample of n documents of a stream of any length, in one pass with n in memory
+    (reservoir sampling; seeded, so the same inputs give the same sample), in stream order."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for i, doc in enumerate(documents):
+        if i < n:
+            reservoir.append((i, doc))
+        else:
+            j = rng.randrange(i + 1)
+            if j < n:
+                reservoir[j] = (i, doc)
+    return [doc for _, doc in sorted(reservoir)]
 
 
 def train_sentencepiece(documents: Iterable[str], vocab_size: int, output_prefix: str | os.PathLike,

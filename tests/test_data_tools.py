@@ -296,3 +296,17 @@ def test_builtin_corpus_two_processes_build_once(tmp_path):
     assert sum(o.count("BUILT") for o in outs) == 1
     assert len({o.splitlines()[-1] for o in outs}) == 1
     assert load_manifest(outs[0].splitlines()[-1]).total_tokens > 0
+
+
+def test_sample_docs_is_a_seeded_uniform_sample_in_one_pass():
+    from data_tools.tokenizer import sample_documents
+    docs = [f"doc {i}" for i in range(1000)]
+    a = sample_documents(iter(docs), 50, seed=1)
+    assert a == sample_documents(iter(docs), 50, seed=1) and a != sample_documents(iter(docs), 50, seed=2)
+    assert len(set(a)) == 50 and set(a) <= set(docs)
+    assert a == sorted(a, key=docs.index)                        # stream order kept
+    # Uniform: every document is equally likely; the mean index of many samples sits near the middle.
+    import statistics
+    means = [statistics.mean(docs.index(d) for d in sample_documents(iter(docs), 50, seed=s)) for s in range(40)]
+    assert 430 < statistics.mean(means) < 570
+    assert sample_documents(iter(docs[:3]), 50) == docs[:3]
