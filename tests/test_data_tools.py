@@ -310,3 +310,23 @@ def test_sample_docs_is_a_seeded_uniform_sample_in_one_pass():
     means = [statistics.mean(docs.index(d) for d in sample_documents(iter(docs), 50, seed=s)) for s in range(40)]
     assert 430 < statistics.mean(means) < 570
     assert sample_documents(iter(docs[:3]), 50) == docs[:3]
+
+
+def test_byte_level_bpe_tokenizer_json_round_trips(corpus, tmp_path):
+    """A Hugging Face byte-level BPE tokenizer.json (the kind GPT-NeoX-20B ships) works as --tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(_all_docs_of(corpus), trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    t.save(str(path))
+    out = tmp_path / "shards"
+    assert cli(["tokenize", "--input", str(corpus), "--tokenizer", str(path), "--output", str(out)]) == 0
+    m = load_manifest(out)
+    assert m.eos_id == 0 and m.vocab_size == 700 and (out / "tokenizer.json").is_file()
+    tok = load_tokenizer(m.tokenizer_path)
+    got = [d for s in m.shards for d in _read_shard_docs(out / s["file"])]
+    assert [tok.decode(d.tolist()) for d in got] == [d for d in _all_docs_of(corpus) if d]
