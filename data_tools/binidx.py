@@ -13,7 +13,6 @@ vocabulary and EOS id, and so that decoding works).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import struct
@@ -25,7 +24,7 @@ import numpy as np
 from .errors import DataError
 from .manifest import MANIFEST, dtype_for_vocab
 from .progress import Progress
-from .shards import DEFAULT_SHARD_TOKENS, TokenizeResult, WORK, _UnitShardWriter, _finish, commit_unit
+from .shards import DEFAULT_SHARD_TOKENS, TokenizeResult, WORK, _UnitShardWriter, _finish, commit_unit, run_units
 from .tokenizer import Tokenizer
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -93,8 +92,6 @@ def _run_unit(prefix: str, unit: int, lo: int, hi: int, settings: dict, work: Pa
                               "reports": [report]})
 
 
-def _run_unit_star(args):
-    return _run_unit(*args)
 
 
 def import_binidx(prefix: str | os.PathLike, tokenizer: str | os.PathLike,
@@ -133,16 +130,7 @@ def import_binidx(prefix: str | os.PathLike, tokenizer: str | os.PathLike,
     unit_bytes = [int(doc_tokens[a:b].sum()) * dtype.itemsize for a, b in ranges]
     bar = Progress("import-binidx", sum(unit_bytes), len(jobs), enabled=progress,
                    log_every=log_every)
-    results = []
-    if workers > 1 and len(jobs) > 1:
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for r in pool.imap_unordered(_run_unit_star, jobs):
-                results.append(r)
-                bar.update(unit_bytes[r["unit"]], r["docs"], r["tokens"])
-    else:
-        for job in jobs:
-            results.append(_run_unit(*job))
-            bar.update(unit_bytes[job[1]], results[-1]["docs"], results[-1]["tokens"])
+    results = run_units(_run_unit, jobs, workers, bar, unit_bytes)
     bar.close()
     results.sort(key=lambda r: r["unit"])
     manifest = _finish(out, work, tok, results)

@@ -180,8 +180,26 @@ def commit_unit(done: Path, result: dict) -> dict:
     return result
 
 
-def _run_unit_star(args):
-    return run_unit(*args)
+def _call(fn_args):
+    fn, args = fn_args
+    return fn(*args)
+
+
+def run_units(fn, jobs: list, workers: int, bar, unit_bytes: dict) -> list:
+    """fn(*job) for every job: in `workers` spawned processes (no fork of a parent that may hold
+    threads or torch) or here; results in completion order, the progress bar fed as units finish."""
+    results = []
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for r in pool.imap_unordered(_call, [(fn, job) for job in jobs]):
+                results.append(r)
+                bar.update(unit_bytes[r["unit"]], r["docs"], r["tokens"])
+    else:
+        for job in jobs:
+            r = fn(*job)
+            results.append(r)
+            bar.update(unit_bytes[r["unit"]], r["docs"], r["tokens"])
+    return results
 
 
 @dataclass
@@ -254,21 +272,11 @@ def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLi
     work.mkdir(exist_ok=True)
     plan_file.write_text(json.dumps(plan))
 
-    results = []
     jobs = [(u, settings, work) for u in units]
     sizes = {u.index: unit_input_bytes(u) for u in units}
     bar = Progress("tokenize", sum(sizes.values()), len(units), enabled=progress,
                    log_every=log_every)
-    if workers > 1 and len(units) > 1:
-        ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads or torch
-        with ctx.Pool(min(workers, len(units))) as pool:
-            for r in pool.imap_unordered(_run_unit_star, jobs):
-                results.append(r)
-                bar.update(sizes[r["unit"]], r["docs"], r["tokens"])
-    else:
-        for job in jobs:
-            results.append(run_unit(*job))
-            bar.update(sizes[job[0].index], results[-1]["docs"], results[-1]["tokens"])
+    results = run_units(run_unit, jobs, workers, bar, sizes)
     bar.close()
     results.sort(key=lambda r: r["unit"])
 
