@@ -90,6 +90,7 @@ class ParallelSection:
     pipeline_stages: int = 1
     partition_method: str = "parameters"  # pipeline stage balance: parameters | uniform | type:BlockPipe
     offload: str = "none"                # none | optimizer | all
+    zero_init: bool = True               # ZeRO-3: create parameters partitioned (deepspeed.zero.Init)
     timeout_minutes: float = 30.0        # collective operations time out after this
     stall_timeout_s: float = 900.0       # report a rank whose step has not advanced for this long (0: off)
 

@@ -237,12 +237,18 @@ class RRWKV(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """RWKV-4 initialization; each layer draws from its own seed so any layout gets the same weights."""
-        init_embedding(self.emb, self.cfg, seed)
-        init_head(self.head, self.cfg, seed)
-        for ln in (self.ln_out,):
-            ln.reset_parameters()
+        for module, init in self.init_parts(seed):
+            init(module)
+
+    def init_parts(self, seed: int):
+        """(module, its init function) for each independently initialized part: whoever holds a part's
+        parameters (a pipeline stage, a ZeRO-3 gather) can initialize it alone."""
+        cfg = self.cfg
+        yield self.emb, lambda m: init_embedding(m, cfg, seed)
+        yield self.head, lambda m: init_head(m, cfg, seed)
+        yield self.ln_out, lambda m: m.reset_parameters()
         for block in self.blocks:
-            init_block(block, self.cfg, seed)
+            yield block, lambda m: init_block(m, cfg, seed)
 
     # ---- running ----
     def forward(self, idx: torch.Tensor, state: Optional[RRWKVState] = None, return_state: bool = False):

@@ -160,28 +160,69 @@ def build_model(cfg: DictConfig, d: Dist):
                               cfg.train.activation_checkpointing, cfg.parallel.partition_method, cfg.train.l2wrap)
         return pipe, data_parallel_rank(pipe)
     from .model import RRWKV
-    model = RRWKV(model_config(cfg), init_seed=cfg.run.seed)
+    weights = read_weights(model_config(cfg), Path(cfg.run.init_from)) if cfg.run.init_from else None
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init:
+        model = build_partitioned(cfg, d, weights)
+    else:
+        model = RRWKV(model_config(cfg), init_seed=cfg.run.seed)
+        if weights is not None:
+            model.load_state_dict(weights, strict=True)
     model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
-    if cfg.run.init_from:
-        load_weights(model, Path(cfg.run.init_from))
     return model, d.rank
+
+
+def build_partitioned(cfg: DictConfig, d: Dist, weights: Optional[Dict[str, torch.Tensor]] = None):
+    """RRWKV created under ZeRO-3's zero.Init: every parameter is partitioned over the ranks as it is
+    made, so no process ever holds the whole model (what 7B/14B need). Each part is then gathered,
+    initialized with the same per-layer seeds as RRWKV(init_seed=...) (or given `weights`, by
+    name) and partitioned again."""
+    import deepspeed
+
+    from .engine import batch_layout, deepspeed_config
+    from .model import RRWKV
+    ds = deepspeed_config(cfg, batch_layout(cfg, data_parallel_size(cfg, d), d.rank), d.device)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = RRWKV(model_config(cfg), init_seed=None)
+    names = {id(m): n for n, m in model.named_modules()}
+    for module, init in model.init_parts(cfg.run.seed):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            if d.rank == 0:
+                with torch.no_grad():
+                    if weights is None:
+                        init(module)
+                    else:
+                        for n, p in module.named_parameters():
+                            p.copy_(weights[f"{names[id(module)]}.{n}"])
+    return model
 
 
 def load_weights(model, model_dir: Path) -> None:
     """Weights of an exported MODEL_DIR (model.safetensors + config.json) into `model`."""
+    model.load_state_dict(read_weights(model.cfg, model_dir), strict=True)
+
+
+def read_weights(model_cfg, model_dir: Path) -> Dict[str, torch.Tensor]:
+    """The float32 state dict of an exported MODEL_DIR, checked against `model_cfg` (an RRWKVConfig)."""
     from safetensors.torch import load_file
+
+    from .model import RRWKV
     cfg_file, weights = model_dir / "config.json", model_dir / "model.safetensors"
     if not weights.is_file() or not cfg_file.is_file():
         raise UserError(f"run.init_from={model_dir}: expected model.safetensors and config.json there "
                         f"(make one with launch/export.py)")
     saved = json.loads(cfg_file.read_text())
-    mine = model.cfg.to_dict()
+    mine = model_cfg.to_dict()
     diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
     if diff:
         raise UserError(f"run.init_from={model_dir} has a different model shape {diff} (saved, config); "
                         f"set model.* to match it")
-    state = load_file(str(weights))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    with torch.device("meta"):
+        expected = set(RRWKV(model_cfg, init_seed=None).state_dict())
+    if set(state) != expected:
+        raise UserError(f"run.init_from={model_dir}: model.safetensors has parameters {sorted(set(state) ^ expected)[:4]} "
+                        f"that do not match the model; export it again with launch/export.py")
+    return state
 
 
 # ---- run files and odds ----

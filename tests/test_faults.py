@@ -3,6 +3,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from pretrain.faults import BadSteps, Watchdog
 from tests.runs import ROOT, losses, pretrain_cmd, run
 
@@ -29,13 +31,14 @@ def test_watchdog_reports_a_rank_that_stopped_making_progress(capfd):
     assert "Thread" in text or "File" in text       # its stacks follow
 
 
-def test_init_from_an_exported_model_starts_fresh_from_its_weights(tmp_path, cache_dir):
+@pytest.mark.parametrize("layout", [[], ["parallel.zero_stage=3"]])  # ZeRO-3: loaded into zero.Init partitions
+def test_init_from_an_exported_model_starts_fresh_from_its_weights(tmp_path, cache_dir, layout):
     base, tuned, fresh = tmp_path / "base", tmp_path / "tuned", tmp_path / "fresh"
     assert run(pretrain_cmd(base, cache_dir, ["train.max_steps=6"])).returncode == 0
     model_dir = tmp_path / "model"
     p = run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(base), "--output", str(model_dir)])
     assert p.returncode == 0, p.stderr[-2000:]
-    p = run(pretrain_cmd(tuned, cache_dir, ["train.max_steps=2", f"run.init_from={model_dir}"]))
+    p = run(pretrain_cmd(tuned, cache_dir, ["train.max_steps=2", f"run.init_from={model_dir}", *layout]))
     assert p.returncode == 0, p.stderr[-2000:]
     assert run(pretrain_cmd(fresh, cache_dir, ["train.max_steps=2"])).returncode == 0
     t, f, b = losses(tuned), losses(fresh), losses(base)

@@ -18,7 +18,8 @@ LAYOUTS = {  # name: (ranks, overrides); every one has the global batch of 8 row
     "one_process_micro4x2_recompute": (1, ["data.micro_batch_size=4", "train.activation_checkpointing=true"]),
     "zero1_2ranks": (2, ["parallel.zero_stage=1"]),
     "zero2_2ranks_micro2x2": (2, ["parallel.zero_stage=2", "data.micro_batch_size=2"]),
-    "zero3_2ranks_offload": (2, ["parallel.zero_stage=3", "parallel.offload=all"]),
+    "zero3_2ranks_offload": (2, ["parallel.zero_stage=3", "parallel.offload=all"]),   # zero.Init (the default)
+    "zero3_2ranks_no_zero_init": (2, ["parallel.zero_stage=3", "parallel.zero_init=false"]),
     "pipeline_2stages": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
     "pipeline_2stages_recompute": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1",
                                        "train.activation_checkpointing=true"]),
