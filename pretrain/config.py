@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .model import RRWKVConfig
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem (one sentence: the key and what to do)."""
@@ -28,14 +30,8 @@ class RunSection:
 
 
 @dataclass
-class ModelSection:
-    vocab_size: int = 2048
-    n_layer: int = 4
-    n_embd: int = 128
-    ctx_len: int = 256
-    medium_interval: int = 32
-    se_reduction: int = 16
-    ffn_mult: int = 4
+class ModelSection(RRWKVConfig):
+    """The RRWKVConfig fields (pretrain/model.py, one definition) plus how to run the WKV op."""
     cuda_kernel: bool = True             # false: the PyTorch reference also on GPUs
     kernel_cache: Optional[str] = None   # where the compiled CUDA kernel is cached (shared FS on clusters)
 

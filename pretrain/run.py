@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -20,9 +21,10 @@ from .checkpoint import write_atomic
 from .config import ConfigError, load_config, to_yaml
 from .distributed import Dist, init_distributed
 from .metrics import run_metadata
+from .model import RRWKVConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FIELDS = ("vocab_size", "n_layer", "n_embd", "ctx_len", "medium_interval", "se_reduction", "ffn_mult")
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(RRWKVConfig))
 
 
 class UserError(Exception):
