@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import checkpoint, faults  # noqa: E402
 from pretrain import run as R  # noqa: E402
-from pretrain.engine import batch_layout, build_engine, current_lr, evaluate, train_step  # noqa: E402
+from pretrain.engine import all_reduce_sum, batch_layout, build_engine, current_lr, evaluate, train_step  # noqa: E402,E501
 from pretrain.metrics import MetricsLogger, StepTimer, device_peak, flops_per_token  # noqa: E402
 
 
@@ -81,7 +81,9 @@ def main(argv):
         if step % cfg.train.log_every == 0 or step in (1, cfg.train.max_steps):
             log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
                      **timer.rates(step, cfg.train.max_steps, dist.device), "skipped_steps": bad.total,
-                     "overflow_steps": bad.overflows, **R.memory_stats(dist.device)})
+                     "overflow_steps": bad.overflows, **R.memory_stats(dist.device),
+                     "corrupt_shards": all_reduce_sum(batches.corrupt_shards(), dist.device)  # each stage reads
+                     // cfg.parallel.pipeline_stages})                            # the same lanes
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and sources.valid:
             val = evaluate(engine, R.valid_batches(cfg, sources, layout), dist.device)
             log.log({"step": step, "val_loss": val, "val_ppl": R.perplexity(val)})

@@ -187,6 +187,14 @@ def train_step(engine, batches, device: torch.device, step: int = 0, l2wrap: boo
     return all_reduce_mean(total / n)
 
 
+def all_reduce_sum(n: int, device: torch.device) -> int:
+    import torch.distributed as dist
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t.item())
+
+
 def all_reduce_mean(x: torch.Tensor) -> float:
     import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -44,6 +44,10 @@ class LaneBatches:
             s.load_state_dict(lanes[lane] if lane in lanes else lanes[str(lane)])
         self._iters = None
 
+    def corrupt_shards(self) -> int:
+        """Shard reads that failed and were skipped (each warned about by name), over this rank's lanes."""
+        return sum(s.stats()["corrupt_shards"] for s in self.streams.values())
+
     def next_step(self) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
         """The grad_accum micro-batches of the next optimizer step, or None when the data ran out."""
         if self._iters is None:

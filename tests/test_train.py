@@ -94,3 +94,19 @@ def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path, cache_dir):
     p = run(pretrain_cmd(out, cache_dir, ["train.max_steps=2", "run.resume=none"]))
     assert p.returncode == 2 and "already holds checkpoints and run.resume=none" in p.stderr
     assert (out / "checkpoints" / "latest").read_text() == before
+
+
+def test_a_truncated_shard_is_counted_in_the_metrics_and_training_goes_on(tmp_path, cache_dir):
+    import shutil
+    from data_tools.builtin import prepare_builtin_corpus
+    src = prepare_builtin_corpus(cache_dir, vocab_size=2048).train.parent
+    data = tmp_path / "shards"
+    shutil.copytree(src, data)
+    shard = sorted(data.glob("shard-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])     # cut mid-file
+    out = tmp_path / "out"
+    p = run(pretrain_cmd(out, cache_dir, ["train.max_steps=3", f"data.train={data}", "data.valid=null"]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert shard.name in p.stderr                                            # warned by name
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["corrupt_shards"] >= 1
