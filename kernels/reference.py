@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .state import NEG, WKVState, num_mediums, state_dtype
+from .state import NEG, WKVState, state_dtype
 
 CHUNK = 16
 

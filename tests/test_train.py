@@ -5,11 +5,10 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.runs import ROOT, env, free_port, losses, pretrain_cmd, run  # noqa: F401 (free_port: re-exported)
+from tests.runs import ROOT, env, losses, pretrain_cmd, run
 
 
 def test_two_ranks_zero2_resume_after_sigkill_is_exact(tmp_path, cache_dir):
