@@ -83,4 +83,34 @@ def init_distributed(timeout_minutes: float = 30.0) -> Dist:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if backend == "gloo":
+        release_shm_buffers(rank)
     return Dist(rank, world, local_rank, local_world, device)
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The shared-memory file DeepSpeed's CPU all-reduce makes for `rank` (shm.cpp's SHM_BUFFER_NAME scheme)."""
+    env = os.environ
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffers(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer once every local rank has mapped it.
+
+    On CPUs, when all ranks share a machine, DeepSpeed gives each rank a 66 MB file in /dev/shm that the
+    other ranks map, and never removes it: every run, even one that ends cleanly, leaves them behind in
+    memory until the machine fills (CI died of it). The mappings keep the memory alive for as long as the
+    processes run; unlinking the names right after the barrier frees it as soon as they exit, however
+    they exit (SIGKILL included).
+    """
+    import torch.distributed as tdist
+
+    path = shm_buffer_path(rank)
+    if not os.path.exists(path):
+        return                     # ranks on several machines, or a DeepSpeed without the shm all-reduce
+    tdist.barrier()                # every rank has opened every buffer: shm_initialize ran in init_distributed
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,5 +1,6 @@
 """launch/pretrain.py end to end on CPU: one process and two gloo ranks (DeepSpeed), exact resume
 after SIGKILL, run files, and one-line errors for bad input."""
+import glob
 import json
 import os
 import signal
@@ -11,11 +12,18 @@ import pytest
 from tests.runs import ROOT, env, losses, pretrain_cmd, run
 
 
+def shm_buffers(cmd):
+    port = cmd[cmd.index("--master_port") + 1]
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+
+
 def test_two_ranks_zero2_resume_after_sigkill_is_exact(tmp_path, cache_dir):
     steps = ["train.max_steps=6", "train.save_every=3"]
     ref = tmp_path / "ref"
-    p = run(pretrain_cmd(ref, cache_dir, steps, ranks=2))
+    cmd = pretrain_cmd(ref, cache_dir, steps, ranks=2)
+    p = run(cmd)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not shm_buffers(cmd)        # DeepSpeed's CPU all-reduce files are gone with the processes
     ref_losses = losses(ref)
     assert sorted(ref_losses) == list(range(1, 7))
     assert ref_losses[6] < ref_losses[1]
@@ -29,7 +37,8 @@ def test_two_ranks_zero2_resume_after_sigkill_is_exact(tmp_path, cache_dir):
 
     # The same run, killed with SIGKILL once its step-3 checkpoint is complete, then started again.
     out = tmp_path / "killed"
-    proc = subprocess.Popen(pretrain_cmd(out, cache_dir, steps, ranks=2), cwd=ROOT, env=env(),
+    cmd = pretrain_cmd(out, cache_dir, steps, ranks=2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 500
@@ -40,6 +49,7 @@ def test_two_ranks_zero2_resume_after_sigkill_is_exact(tmp_path, cache_dir):
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not shm_buffers(cmd)        # ... even when they are killed
     p = run(pretrain_cmd(out, cache_dir, steps, ranks=2))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "resumed from" in p.stdout and "at step 3" in p.stdout
@@ -65,6 +75,7 @@ def test_single_process_trains_and_resumes_exactly(tmp_path, cache_dir):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not shm_buffers(cmd)        # ... even when they are killed
     p = run(pretrain_cmd(split, cache_dir, ["train.max_steps=6", "train.save_every=3"]))
     assert p.returncode == 0, p.stderr[-3000:]
     assert losses(split) == losses(ref)
