@@ -324,6 +324,12 @@ def build_extension(name: str, sources: List[Path], build_root: Path, key: str,
         return mod
 
 
+def exact_flag() -> List[str]:
+    """RRWKV_WKV_EXACT=1 builds the kernels with the log-space path only (no scaled stretches; see
+    csrc/wkv_algo.h): for comparing the two in benchmarks and checks. A separate cached build."""
+    return (["-DWKV_EXACT"] if os.environ.get("RRWKV_WKV_EXACT", "") not in ("", "0") else [])
+
+
 def arch_of_current_device() -> str:
     major, minor = torch.cuda.get_device_capability()
     return f"{major}{minor}"
@@ -336,7 +342,7 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
     arch = arch_of_current_device()
     files = [CSRC / f for f in WKV_SOURCES + WKV_HEADERS]
     cuda_flags = ["-O3", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                  "-Xptxas=-O3"]
+                  "-Xptxas=-O3"] + exact_flag()
     cflags = ["-O2"]
     key = source_hash(files, cuda_flags + cflags + [arch])
     name = f"rrwkv_wkv_{DTYPE_NAMES[dtype]}_sm{arch}_{key}"
@@ -370,7 +376,7 @@ def load_wkv_host_extension(dtype: torch.dtype, cache_dir: Optional[str] = None,
     if dtype not in DTYPE_IDS:
         raise KernelBuildError(f"rrwkv: the WKV kernel has no build for dtype {dtype}")
     files = [CSRC / f for f in WKV_HOST_SOURCES + WKV_HEADERS]
-    cflags = ["-O2", "-DWKV_HOST", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}"]
+    cflags = ["-O2", "-DWKV_HOST", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}"] + exact_flag()
     key = source_hash(files, cflags)
     name = f"rrwkv_wkv_host_{DTYPE_NAMES[dtype]}_{key}"
     root = cache_root(cache_dir)
