@@ -343,6 +343,10 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
     files = [CSRC / f for f in WKV_SOURCES + WKV_HEADERS]
     cuda_flags = ["-O3", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                   "-Xptxas=-O3"] + exact_flag()
+    if dtype != torch.float32:
+        # 16-bit inputs: flush float32 denormals (below 1.2e-38) to zero, which drops the denormal
+        # guards around every fast exponential and division (about 6 instructions a token).
+        cuda_flags.append("-ftz=true")
     cflags = ["-O2"]
     key = source_hash(files, cuda_flags + cflags + [arch])
     name = f"rrwkv_wkv_{DTYPE_NAMES[dtype]}_sm{arch}_{key}"
