@@ -42,11 +42,12 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 WKV_SOURCES = ("wkv.cu", "wkv.cpp")
-WKV_HEADERS = ("wkv.h",)
+WKV_HEADERS = ("wkv.h", "wkv_algo.h")
+WKV_HOST_SOURCES = ("wkv_host.cpp", "wkv.cpp")
 DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Bump when the build recipe below changes in a way the sources' hash does not capture.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 _cache_dir_override: Optional[str] = None
 _loaded: Dict[str, object] = {}
@@ -323,6 +324,12 @@ def build_extension(name: str, sources: List[Path], build_root: Path, key: str,
         return mod
 
 
+def exact_flag() -> List[str]:
+    """RRWKV_WKV_EXACT=1 builds the kernels with the log-space path only (no scaled stretches; see
+    csrc/wkv_algo.h): for comparing the two in benchmarks and checks. A separate cached build."""
+    return (["-DWKV_EXACT"] if os.environ.get("RRWKV_WKV_EXACT", "") not in ("", "0") else [])
+
+
 def arch_of_current_device() -> str:
     major, minor = torch.cuda.get_device_capability()
     return f"{major}{minor}"
@@ -335,7 +342,11 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
     arch = arch_of_current_device()
     files = [CSRC / f for f in WKV_SOURCES + WKV_HEADERS]
     cuda_flags = ["-O3", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                  "-Xptxas=-O3"]
+                  "-Xptxas=-O3"] + exact_flag()
+    if dtype != torch.float32:
+        # 16-bit inputs: flush float32 denormals (below 1.2e-38) to zero, which drops the denormal
+        # guards around every fast exponential and division (about 6 instructions a token).
+        cuda_flags.append("-ftz=true")
     cflags = ["-O2"]
     key = source_hash(files, cuda_flags + cflags + [arch])
     name = f"rrwkv_wkv_{DTYPE_NAMES[dtype]}_sm{arch}_{key}"
@@ -356,4 +367,27 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = old
         _loaded[str(root / name)] = mod
+        return mod
+
+
+def load_wkv_host_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verbose: bool = False):
+    """The kernels' arithmetic (csrc/wkv_algo.h) built for the CPU, for inputs of `dtype`.
+
+    The same per-thread functions the CUDA kernels run, called in loops in the kernels' order
+    (csrc/wkv_host.cpp): the tests check the kernel's algorithm against the float64 reference on
+    machines without a GPU. Needs only the host C++ compiler. Slow: not a training path.
+    """
+    if dtype not in DTYPE_IDS:
+        raise KernelBuildError(f"rrwkv: the WKV kernel has no build for dtype {dtype}")
+    files = [CSRC / f for f in WKV_HOST_SOURCES + WKV_HEADERS]
+    cflags = ["-O2", "-DWKV_HOST", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}"] + exact_flag()
+    key = source_hash(files, cflags)
+    name = f"rrwkv_wkv_host_{DTYPE_NAMES[dtype]}_{key}"
+    root = cache_root(cache_dir)
+    with _load_lock:
+        mod = _loaded.get(str(root / name))
+        if mod is None:
+            mod = _loaded[str(root / name)] = build_extension(
+                name, [CSRC / f for f in WKV_HOST_SOURCES], root, key, extra_cflags=cflags,
+                needs_nvcc=False, verbose=verbose)
         return mod

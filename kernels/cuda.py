@@ -26,11 +26,14 @@ _ext_by_key = {}
 
 
 def _ext(dtype: torch.dtype, device: torch.device):
-    key = (dtype, device.index, build.cache_root())
+    key = (dtype, device.type, device.index, build.cache_root())
     ext = _ext_by_key.get(key)
     if ext is None:
-        with torch.cuda.device(device):
-            ext = _ext_by_key[key] = build.load_wkv_extension(dtype)
+        if device.type == "cpu":       # the kernels' arithmetic built for the CPU (tests)
+            ext = _ext_by_key[key] = build.load_wkv_host_extension(dtype)
+        else:
+            with torch.cuda.device(device):
+                ext = _ext_by_key[key] = build.load_wkv_extension(dtype)
     return ext
 
 
@@ -65,7 +68,10 @@ class _WKVRetro(torch.autograd.Function):
 def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    medium_decay: Optional[torch.Tensor], mk: Optional[torch.Tensor], mv: Optional[torch.Tensor],
                    interval: int, state: Optional[WKVState]) -> Tuple[torch.Tensor, WKVState]:
-    """kernels.wkv_retro on CUDA tensors (arguments already validated by kernels.wkv)."""
+    """kernels.wkv_retro on CUDA tensors (arguments already validated by kernels.wkv).
+
+    Given CPU tensors it runs the CPU build of the kernels' arithmetic (build.load_wkv_host_extension):
+    the same chunking, scans and backward, for testing the kernel without a GPU (slow)."""
     B, T, C = k.shape
     if k.dtype not in build.DTYPE_IDS or T == 0 or B == 0 or C == 0:
         return wkv_retro_reference(time_decay, time_first, k, v, medium_decay, mk, mv, interval, state)

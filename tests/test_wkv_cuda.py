@@ -1,10 +1,15 @@
-"""The CUDA WKV-retrospection kernel against the float64 reference (GPU only; skipped without CUDA).
+"""The CUDA WKV-retrospection kernel against the float64 reference.
+
+Each test runs on the GPU (skipped without CUDA) and on the CPU build of the kernels' arithmetic
+(kernels/csrc/wkv_host.cpp: the same per-thread functions, wkv_algo.h, in loops), so that the
+kernel's chunking, scans and backward are checked on machines without a GPU too.
 
 Tolerances (norm-relative error of the whole tensor, issue 3): float32 y <= 1e-5 and every gradient
 <= 1e-4; bfloat16 / float16 y and gradients <= 2e-2. Inputs are drawn fresh for each case with
 exp(time_decay), exp(medium_decay) spanning 1e-4..20 and keys in [-30, 30].
 """
 import math
+import zlib
 
 import pytest
 import torch
@@ -12,8 +17,15 @@ import torch
 from kernels import WKVState, num_mediums, wkv_retro
 from kernels.reference import wkv_retro_reference
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+from kernels import cuda as kc
+
+GPU = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                  pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])
+
+
+@pytest.fixture(params=[GPU, "cpu"])
+def dev(request):
+    return request.param
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-2, 2e-2)}
 
@@ -26,14 +38,20 @@ def rel(a, b):
     return ((a - b).norm() / nb).item()
 
 
-def poison_allocator():
+def poison_allocator(dev):
     """Fill free cached device memory with NaN so that unwritten outputs show up."""
-    x = torch.full((64 << 20,), float("nan"), device="cuda")
-    del x
+    if dev == "cuda":
+        x = torch.full((64 << 20,), float("nan"), device="cuda")
+        del x
 
 
-def draw(B, T, C, s, phase, seed, key_range=30.0, dtype=torch.float32):
-    """Parameters, inputs and an incoming state (fresh when phase is None), all float64 on the GPU."""
+def kernel(dev):
+    """The kernel: through the public dispatch on the GPU, its CPU build on the CPU."""
+    return wkv_retro if dev == "cuda" else kc.wkv_retro_cuda
+
+
+def draw(B, T, C, s, phase, seed, key_range=30.0, dtype=torch.float32, dev="cuda"):
+    """Parameters, inputs and an incoming state (fresh when phase is None), all float64 on `dev`."""
     g = torch.Generator().manual_seed(seed)
     u = lambda *sh: torch.rand(*sh, generator=g, dtype=torch.float64)  # noqa: E731
     n = lambda *sh: torch.randn(*sh, generator=g, dtype=torch.float64)  # noqa: E731
@@ -48,23 +66,23 @@ def draw(B, T, C, s, phase, seed, key_range=30.0, dtype=torch.float32):
         p.update(md=md, mk=(u(B, J, C) * 2 - 1) * key_range, mv=n(B, J, C))
     # Round the inputs of the kernel's dtype so that the reference sees the very same numbers.
     # (k, v in the kernel's input dtype, everything else in float32, the kernel's parameter dtype).
-    p = {kk: vv.to(dtype if kk in ("k", "v") else torch.float32).double().cuda() for kk, vv in p.items()}
+    p = {kk: vv.to(dtype if kk in ("k", "v") else torch.float32).double().to(dev) for kk, vv in p.items()}
     if phase is None:
         return p, None
     # A realistic carried state: the reference run over a random prefix ending `phase` into a segment.
     Tp = (s * 3 + phase) if s else 37
-    pre_k = ((u(B, Tp, C) * 2 - 1) * key_range).cuda()
-    pre_v = n(B, Tp, C).cuda()
+    pre_k = ((u(B, Tp, C) * 2 - 1) * key_range).to(dev)
+    pre_v = n(B, Tp, C).to(dev)
     pre_med = (None, None, None)
     if s:
         Jp = num_mediums(0, Tp, s)
-        pre_med = (p["md"], ((u(B, Jp, C) * 2 - 1) * key_range).cuda(), n(B, Jp, C).cuda())
+        pre_med = (p["md"], ((u(B, Jp, C) * 2 - 1) * key_range).to(dev), n(B, Jp, C).to(dev))
     _, st = wkv_retro_reference(p["td"], p["tf"], pre_k, pre_v, *pre_med, s)
     assert st.phase == (phase if s else 0)
     return p, st
 
 
-def run(p, st, s, dtype, impl):
+def run(p, st, s, dtype, impl, dev="cuda"):
     """y, final state and gradients of a random linear function of y and the final state."""
     if impl == "cuda":
         leaves = {kk: vv.to(dtype if kk in ("k", "v") else torch.float32) for kk, vv in p.items()}
@@ -84,7 +102,7 @@ def run(p, st, s, dtype, impl):
             st_in = WKVState(ts[0], ts[1], ts[2], None, None, None, 0)
     med = (leaves["md"], leaves["mk"], leaves["mv"]) if s else (None, None, None)
     if impl == "cuda":
-        y, st_out = wkv_retro(leaves["td"], leaves["tf"], leaves["k"], leaves["v"], *med, s, st_in)
+        y, st_out = kernel(dev)(leaves["td"], leaves["tf"], leaves["k"], leaves["v"], *med, s, st_in)
     else:
         y, st_out = wkv_retro_reference(leaves["td"], leaves["tf"], leaves["k"], leaves["v"], *med, s, st_in)
     return y, st_out, leaves, st_leaves
@@ -126,15 +144,39 @@ CASES = [
 ]
 
 
+# Keys of trained models span far less than [-30, 30]: there most stretches take the kernels' scaled
+# path (no running maximum, csrc/wkv_algo.h), while the cases above mostly take the log-space path.
+SCALED_CASES = [
+    # B, T, C, interval, phase, dtype, key range
+    (2, 300, 40, 0, 0, torch.float32, 4.0),
+    (2, 200, 67, 64, 13, torch.float32, 8.0),
+    (3, 77, 33, 7, 5, torch.float32, 3.0),
+    (2, 300, 50, 100, 37, torch.float32, 12.0),
+    (1, 4096, 24, 64, None, torch.float32, 6.0),
+    (2, 1000, 96, 64, 3, torch.bfloat16, 6.0),
+    (2, 513, 70, 48, 47, torch.float16, 6.0),
+    (2, 700, 40, 32, 5, torch.float32, 20.0),          # a mix of both paths
+]
+
+
 @pytest.mark.parametrize("B,T,C,s,phase,dtype", CASES)
-def test_matches_float64_reference(B, T, C, s, phase, dtype):
-    seed = hash((B, T, C, s, phase, str(dtype))) % (2 ** 31)
-    p, st = draw(B, T, C, s, phase, seed, dtype=dtype)
-    g = torch.Generator(device="cuda").manual_seed(seed + 1)
-    wy = torch.randn(B, T, C, device="cuda", dtype=torch.float64, generator=g).to(dtype).double()
-    wst = [torch.randn(B, C, device="cuda", dtype=torch.float64, generator=g) for _ in range(4)]
-    poison_allocator()
-    y, so, lv, sl = run(p, st, s, dtype, "cuda")
+def test_matches_float64_reference(B, T, C, s, phase, dtype, dev):
+    check_against_reference(B, T, C, s, phase, dtype, dev, 30.0)
+
+
+@pytest.mark.parametrize("B,T,C,s,phase,dtype,key_range", SCALED_CASES)
+def test_scaled_path_matches_float64_reference(B, T, C, s, phase, dtype, key_range, dev):
+    check_against_reference(B, T, C, s, phase, dtype, dev, key_range)
+
+
+def check_against_reference(B, T, C, s, phase, dtype, dev, key_range):
+    seed = zlib.crc32(repr((B, T, C, s, phase, dtype, key_range)).encode())   # the same in every run
+    p, st = draw(B, T, C, s, phase, seed, key_range=key_range, dtype=dtype, dev=dev)
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
+    wy = torch.randn(B, T, C, device=dev, dtype=torch.float64, generator=g).to(dtype).double()
+    wst = [torch.randn(B, C, device=dev, dtype=torch.float64, generator=g) for _ in range(4)]
+    poison_allocator(dev)
+    y, so, lv, sl = run(p, st, s, dtype, "cuda", dev)
     assert y.dtype == dtype and y.shape == (B, T, C)
     gc = grads(y, so, lv, sl, wy, wst)
     y_r, so_r, lv_r, sl_r = run(p, st, s, dtype, "ref")
@@ -164,12 +206,12 @@ def test_matches_float64_reference(B, T, C, s, phase, dtype):
 
 @pytest.mark.parametrize("s,dtype", [(0, torch.float32), (64, torch.float32), (8, torch.float32),
                                      (100, torch.float32), (64, torch.bfloat16)])
-def test_chunked_with_carried_state_equals_one_pass(s, dtype):
+def test_chunked_with_carried_state_equals_one_pass(s, dtype, dev):
     B, T, C = 2, 700, 45
-    p, _ = draw(B, T, C, s, None, seed=11 + s, dtype=dtype)
+    p, _ = draw(B, T, C, s, None, seed=11 + s, dtype=dtype, dev=dev)
     lv = {kk: (vv.to(dtype) if kk in ("k", "v") else vv.float()).requires_grad_() for kk, vv in p.items()}
     med = (lv["md"], lv["mk"], lv["mv"]) if s else (None, None, None)
-    y_full, st_full = wkv_retro(lv["td"], lv["tf"], lv["k"], lv["v"], *med, s)
+    y_full, st_full = kernel(dev)(lv["td"], lv["tf"], lv["k"], lv["v"], *med, s, None)
     ys, st, pos = [], None, 0
     for L in [5, 130, 1, 3, 64, 200, 97, 200]:    # cuts in mid-segment, single tokens, long chunks
         phase = st.phase if st else 0
@@ -178,7 +220,7 @@ def test_chunked_with_carried_state_equals_one_pass(s, dtype):
             cm = (lv["md"], lv["mk"][:, j0:j0 + J], lv["mv"][:, j0:j0 + J])
         else:
             cm = (None, None, None)
-        y, st = wkv_retro(lv["td"], lv["tf"], lv["k"][:, pos:pos + L], lv["v"][:, pos:pos + L], *cm, s, st)
+        y, st = kernel(dev)(lv["td"], lv["tf"], lv["k"][:, pos:pos + L], lv["v"][:, pos:pos + L], *cm, s, st)
         ys.append(y)
         pos += L
     assert pos == T
@@ -195,15 +237,15 @@ def test_chunked_with_carried_state_equals_one_pass(s, dtype):
         assert rel(a, b) <= tol_g, name
 
 
-def test_run_to_run_identical():
+def test_run_to_run_identical(dev):
     B, T, C, s = 3, 2048, 200, 64
-    p, st = draw(B, T, C, s, 17, seed=5, dtype=torch.bfloat16)
-    wy = torch.randn(B, T, C, device="cuda", dtype=torch.float64)
-    wst = [torch.randn(B, C, device="cuda", dtype=torch.float64) for _ in range(4)]
+    p, st = draw(B, T, C, s, 17, seed=5, dtype=torch.bfloat16, dev=dev)
+    wy = torch.randn(B, T, C, device=dev, dtype=torch.float64)
+    wst = [torch.randn(B, C, device=dev, dtype=torch.float64) for _ in range(4)]
     results = []
     for _ in range(3):
-        poison_allocator()
-        y, so, lv, sl = run(p, st, s, torch.bfloat16, "cuda")
+        poison_allocator(dev)
+        y, so, lv, sl = run(p, st, s, torch.bfloat16, "cuda", dev)
         gc = grads(y, so, lv, sl, wy, wst)
         results.append([y] + so.tensors() + list(gc.values()))
     for other in results[1:]:
@@ -211,9 +253,10 @@ def test_run_to_run_identical():
             assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_fresh_state_gradient_and_public_dispatch():
     # wkv_retro on CUDA tensors runs the kernel (not the reference) and returns its dtype.
-    from kernels import cuda as kc
     B, T, C, s = 2, 70, 8, 16
     p, _ = draw(B, T, C, s, None, seed=3)
     f = {kk: vv.float() for kk, vv in p.items()}

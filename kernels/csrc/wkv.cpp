@@ -1,7 +1,17 @@
-// Torch binding of the WKV-retrospection kernels (wkv.cu). One module per input dtype.
+// Torch binding of the WKV-retrospection kernels (wkv.cu). One module per input dtype. Built with
+// WKV_HOST it binds the CPU build of the same arithmetic (wkv_host.cpp, for the tests) instead.
 #include <torch/extension.h>
+#ifndef WKV_HOST
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#define WKV_DEVICE_NAME "a CUDA"
+#define WKV_ON_DEVICE(t) (t).is_cuda()
+#define WKV_GUARD(t) const c10::cuda::CUDAGuard guard((t).device())
+#else
+#define WKV_DEVICE_NAME "a CPU"
+#define WKV_ON_DEVICE(t) (t).is_cpu()
+#define WKV_GUARD(t)
+#endif
 #include "wkv.h"
 
 namespace {
@@ -10,7 +20,7 @@ namespace {
 void check_opt(const at::Tensor& t, const char* name, at::IntArrayRef shape);
 
 void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.is_cuda(), "wkv: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(WKV_ON_DEVICE(t), "wkv: ", name, " must be " WKV_DEVICE_NAME " tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "wkv: ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous");
   TORCH_CHECK(t.sizes() == shape, "wkv: ", name, " has shape ", t.sizes(), ", expected ", shape);
@@ -24,7 +34,7 @@ at::ScalarType module_dtype() {
 }
 
 void check_in(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.is_cuda(), "wkv: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(WKV_ON_DEVICE(t), "wkv: ", name, " must be " WKV_DEVICE_NAME " tensor");
   TORCH_CHECK(t.scalar_type() == module_dtype(), "wkv: ", name, " must be ", wkv_dtype_name(),
               " for this build, got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "wkv: ", name, " must be contiguous");
@@ -51,7 +61,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, 
   TORCH_CHECK(T > 0 && B > 0 && C > 0, "wkv: empty input");
   TORCH_CHECK(interval >= 0 && (interval == 0 || (phase >= 0 && phase < interval)), "wkv: bad interval/phase");
   TORCH_CHECK(B * T * C < (int64_t(1) << 62) && T < (int64_t(1) << 30) && C < (int64_t(1) << 30), "wkv: too large");
-  const c10::cuda::CUDAGuard guard(k.device());
+  WKV_GUARD(k);
   WkvGeo g = wkv_make_geo((int)B, (int)T, (int)C, (int)interval, (int)phase);
   TORCH_CHECK(g.NC <= 65535 && B <= 65535, "wkv: too many chunks or batch rows for one launch");
   check_f32(td, "time_decay", {C});
@@ -85,8 +95,12 @@ std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, 
   A.cs_a = fp(cs[0]); A.cs_b = fp(cs[1]); A.cs_p = fp(cs[2]);
   A.ms_a = Jm ? fp(ms[0]) : nullptr; A.ms_b = Jm ? fp(ms[1]) : nullptr; A.ms_p = Jm ? fp(ms[2]) : nullptr;
   A.loc_a = fp(loc[0]); A.loc_b = fp(loc[1]); A.loc_p = fp(loc[2]);
+#ifdef WKV_HOST
+  wkv_forward_host(A);
+#else
   cudaError_t err = wkv_forward_launch(A, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "wkv forward launch failed: ", cudaGetErrorString(err));
+#endif
   return {y, aaT, bbT, ppT, maT, mbT, mpT, cs, ms};
 }
 
@@ -101,7 +115,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
                                      at::Tensor gmaT, at::Tensor gmbT,
                                      int64_t interval, int64_t phase) {
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-  const c10::cuda::CUDAGuard guard(k.device());
+  WKV_GUARD(k);
   WkvGeo g = wkv_make_geo((int)B, (int)T, (int)C, (int)interval, (int)phase);
   check_in(k, "k", {B, T, C});
   check_in(v, "v", {B, T, C});
@@ -148,8 +162,12 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   A.s_a = med ? fp(ss[0]) : nullptr; A.s_b = med ? fp(ss[1]) : nullptr; A.s_p = med ? fp(ss[2]) : nullptr;
   A.ss_a = fp(ssub[0]); A.ss_b = fp(ssub[1]); A.ss_p = fp(ssub[2]);
   A.pw = fp(pwu[0]); A.pu = fp(pwu[1]); A.pwm = fp(pwm);
+#ifdef WKV_HOST
+  wkv_backward_host(A);
+#else
   cudaError_t err = wkv_backward_launch(A, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "wkv backward launch failed: ", cudaGetErrorString(err));
+#endif
   return {gtd, gtf, gk, gv, gmd, gmk, gmv, gst[0], gst[1], gst[2], gst[3], gst[4], gst[5]};
 }
 

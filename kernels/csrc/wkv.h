@@ -1,7 +1,11 @@
 // WKV with retrospection (RRWKV, docs in shared/design/rrwkv.md): shared declarations of the CUDA
-// kernels (wkv.cu, compiled by nvcc without torch headers) and the torch binding (wkv.cpp).
+// kernels (wkv.cu, compiled by nvcc without torch headers), their CPU build for the tests
+// (wkv_host.cpp, WKV_HOST) and the torch binding (wkv.cpp).
 #pragma once
+#include <stddef.h>
+#ifndef WKV_HOST
 #include <cuda_runtime.h>
+#endif
 
 #define WKV_CH 64     // longest time chunk handled by one thread
 #define WKV_SUB 8     // backward: tokens kept in registers while walking a chunk in reverse
@@ -109,7 +113,13 @@ struct WkvBwdArgs {
   float *ss_a, *ss_b, *ss_p;     // (B, NC * CH / SUB, C): token state at each sub-chunk start
 };
 
+const char* wkv_dtype_name();
+#ifdef WKV_HOST
+// The same computation on the CPU (wkv_host.cpp).
+void wkv_forward_host(const WkvFwdArgs& a);
+void wkv_backward_host(const WkvBwdArgs& a);
+#else
 // Returns the first CUDA error of the launches (cudaSuccess when all went well).
 cudaError_t wkv_forward_launch(const WkvFwdArgs& a, cudaStream_t stream);
 cudaError_t wkv_backward_launch(const WkvBwdArgs& a, cudaStream_t stream);
-const char* wkv_dtype_name();
+#endif

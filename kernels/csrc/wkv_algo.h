@@ -1,0 +1,714 @@
+// WKV with retrospection: the arithmetic of every kernel, one function per GPU thread.
+//
+// Per channel c (all scalars per channel), w = exp(time_decay), u = time_first, wm = exp(medium_decay):
+//   A_{t+1} = e^{-w} A_t + e^{k_t} v_t            (token sums, B_t likewise with v -> 1)
+//   M_{r+1} = e^{-wm} M_r + e^{mk_r} mv_r           (medium sums, folded at segment ends)
+//   y_t = (A_t + e^{u+k_t} v_t + MA_{r(t)}) / (B_t + e^{u+k_t} + MB_{r(t)})
+// Every sum is kept in log space as (a, b, p) with a running maximum p.
+//
+// The CUDA kernels (wkv.cu) stage a chunk's inputs in shared memory and call these functions with
+// one thread per (batch, chunk, channel) or (batch, channel); wkv_host.cpp calls the very same
+// functions in loops on the CPU, so that the kernels' arithmetic (chunking, scans, the backward) is
+// tested without a GPU. Compiled by nvcc for the device (__CUDACC__) or by the host compiler
+// (WKV_HOST, with torch's c10 16-bit types).
+#pragma once
+#include "wkv.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define WKV_UNROLL _Pragma("unroll")
+#define WKV_DEV __device__ __forceinline__
+#else
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cmath>
+#define WKV_UNROLL
+#define WKV_DEV inline
+#endif
+
+#ifndef WKV_DTYPE
+#define WKV_DTYPE 0
+#endif
+
+#if defined(__CUDACC__)
+#if WKV_DTYPE == 0
+typedef __nv_bfloat16 in_t;
+__device__ __forceinline__ float to_f(in_t x) { return __bfloat162float(x); }
+__device__ __forceinline__ in_t from_f(float x) { return __float2bfloat16_rn(x); }
+#elif WKV_DTYPE == 1
+typedef __half in_t;
+__device__ __forceinline__ float to_f(in_t x) { return __half2float(x); }
+__device__ __forceinline__ in_t from_f(float x) { return __float2half_rn(x); }
+#else
+typedef float in_t;
+__device__ __forceinline__ float to_f(in_t x) { return x; }
+__device__ __forceinline__ in_t from_f(float x) { return x; }
+#endif
+// Exponential: the accurate expf for float32 inputs, the MUFU approximation (about 2 ulp, plus the
+// rounding of x * log2(e)) for 16-bit inputs whose outputs are rounded to 8 or 11 bits anyway.
+#if WKV_DTYPE == 2
+__device__ __forceinline__ float ex(float x) { return expf(x); }
+__device__ __forceinline__ float dv(float x, float y) { return x / y; }
+#else
+__device__ __forceinline__ float ex(float x) { return __expf(x); }
+__device__ __forceinline__ float dv(float x, float y) { return __fdividef(x, y); }   // y >= 1 here
+#endif
+#else  // host
+#if WKV_DTYPE == 0
+typedef c10::BFloat16 in_t;
+#elif WKV_DTYPE == 1
+typedef c10::Half in_t;
+#else
+typedef float in_t;
+#endif
+inline float to_f(in_t x) { return static_cast<float>(x); }
+inline in_t from_f(float x) { return in_t(x); }          // round to nearest even, as the device
+inline float ex(float x) { return std::exp(x); }
+inline float dv(float x, float y) { return x / y; }
+#endif
+
+#define U 16      // forward: tokens whose inputs are read together
+#define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
+#define SB 8      // scans: loads of SB steps issued together
+
+// The inputs of one channel from token t0 on: element i is at p[i * stride] (a shared-memory tile
+// on the GPU, the (B, T, C) tensor itself on the host).
+struct Col {
+  const in_t* p;
+  int stride;
+  WKV_DEV float operator()(int i) const { return to_f(p[(size_t)i * stride]); }
+};
+
+WKV_DEV float ld_or(const float* p, size_t i, float dflt) { return p ? p[i] : dflt; }
+
+// (a, b, p) += exp(x) * (va, vb). One exponential: the larger exponent becomes the new maximum.
+WKV_DEV void lse_add(float& a, float& b, float& p, float va, float vb, float x) {
+  const float e = ex(-fabsf(p - x));
+  if (x > p) {
+    a = e * a + va;
+    b = e * b + vb;
+    p = x;
+  } else {
+    a = a + e * va;
+    b = b + e * vb;
+  }
+}
+// A decaying sum kept as (a, b) * exp(pr - pn * w): the decay steps are counted in pn and applied
+// with one rounding (fmaf), so that no rounding error accumulates in the running maximum over long
+// stretches without a new maximum. dec_add: decay by `steps` steps, then add exp(x) * (va, vb).
+WKV_DEV float cur_p(float pr, float pn, float w) { return fmaf(-pn, w, pr); }
+WKV_DEV void dec_add(float& a, float& b, float& pr, float& pn, float w, float steps,
+                    float va, float vb, float x) {
+  pn += steps;
+  const float p = cur_p(pr, pn, w);
+  const float e = ex(-fabsf(p - x));
+  if (x > p) {
+    a = e * a + va;
+    b = e * b + vb;
+    pr = x;
+    pn = 0.f;
+  } else {
+    a = a + e * va;
+    b = b + e * vb;
+  }
+}
+
+// Forward quantities of token t given the state before it: m (shared max), den, y.
+struct TokOut { float m, den, y, eu; };   // eu = exp(u + k - m)
+WKV_DEV TokOut tok_out(float a, float bb, float p, float k, float v, float u, float mA, float mB, float mP) {
+  TokOut o;
+  const float lu = u + k;
+  o.m = fmaxf(fmaxf(p, lu), mP);
+  const float e1 = ex(p - o.m), e2 = ex(lu - o.m), em = ex(mP - o.m);
+  const float num = e1 * a + e2 * v + em * mA;
+  o.den = e1 * bb + e2 + em * mB;
+  o.y = dv(num, o.den);
+  o.eu = e2;
+  return o;
+}
+
+// The medium state (mA, mB, mP) that token t0 + offset sees, and its position in its segment.
+struct MedCursor {
+  float mA = 0.f, mB = 0.f, mP = WKV_NEG;
+  int r = 0, pos = 0;
+  WKV_DEV void load(const float* ma, const float* mb, const float* mp, const WkvGeo& g, int b, int c) {
+    const size_t om = ((size_t)b * g.J + r) * g.C + c;
+    mA = ma[om]; mB = mb[om]; mP = mp[om];
+  }
+  WKV_DEV void start(const float* ma, const float* mb, const float* mp, const WkvGeo& g, int b, int c, int t) {
+    if (g.s > 0) {
+      r = (g.phase + t) / g.s;
+      pos = g.phase + t - r * g.s;
+      load(ma, mb, mp, g, b, c);
+    }
+  }
+  // Before token t: step into the next segment where the previous one ended.
+  WKV_DEV bool enter(const float* ma, const float* mb, const float* mp, const WkvGeo& g, int b, int c) {
+    if (g.s > 0 && pos == g.s) {
+      pos = 0; r++;
+      load(ma, mb, mp, g, b, c);
+      return true;
+    }
+    return false;
+  }
+};
+
+// ---------------------------------------------------------------- the scaled path
+// Most stretches of tokens need no running maximum: with one reference R per stretch (at least every
+// exponent in it), every sum is a plain recurrence with the constant factor e^{-w},
+//   A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,   y_t = (A'_t + e^u e^{k_t-R} v_t + MA') / (B'_t + e^u e^{k_t-R} + MB'),
+// one exponential per token and no branch, and the adjoints of the backward likewise. This holds
+// when every token's own term e^{u + k_t - R} stays above e^{-WKV_SPAN}: then no denominator is
+// smaller than that, nothing overflows (every term is at most 1 times the values; an adjoint
+// gy / D at most e^{WKV_SPAN} gy) and nothing that matters underflows (terms decayed below the
+// float range are below it in the log-space path's results too). Stretches with keys spread wider than that (or a carried state far above
+// them) take the log-space path above, exact in every case. A sum on this path is kept as (a', b')
+// with p = R: the same representation (a, b, p) as the log-space path's, so both paths mix freely.
+#define WKV_SPAN 50.f
+
+struct Scale {
+  float R, ew, eu;
+  // Reference of the tokens [i0, i1) of K (tokens t = t0 + i) starting from a state of log scale p,
+  // including the mediums of their segments; false where the stretch needs the log-space path.
+  WKV_DEV bool init(const float* ms_p, const WkvGeo& g, int b, int c, int t, int i0, int i1, Col K,
+                    float p, float w, float u) {
+    float kmin = K(i0), kmax = kmin;
+    for (int i = i0 + 1; i < i1; i++) {
+      const float k = K(i);
+      kmin = fminf(kmin, k);
+      kmax = fmaxf(kmax, k);
+    }
+    R = fmaxf(p, kmax + fmaxf(u, 0.f));
+    if (g.s > 0 && ms_p) {
+      const int r0 = (g.phase + t) / g.s, r1 = (g.phase + t + (i1 - i0) - 1) / g.s;
+      for (int r = r0; r <= r1; r++) R = fmaxf(R, ms_p[((size_t)b * g.J + r) * g.C + c]);
+    }
+    ew = ex(-w);
+    eu = ex(u);
+#ifdef WKV_EXACT
+    return false;                  // a build with the log-space path only (benchmarks, checks)
+#else
+    return R - u - kmin <= WKV_SPAN;
+#endif
+  }
+  // The medium sums of the current segment on this scale.
+  WKV_DEV void medium(const MedCursor& M, float& mA, float& mB) const {
+    const float e = ex(M.mP - R);
+    mA = M.mA * e;
+    mB = M.mB * e;
+  }
+};
+
+// ---------------------------------------------------------------- forward
+// Chunk-local token sums from zero.
+WKV_DEV void fwd_local_exact(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]);
+  float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
+  for (int base = t0; base < t1; base += U) {
+    float kb[U], vb[U];
+    WKV_UNROLL
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
+    WKV_UNROLL
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
+  }
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  A.loc_a[o] = a; A.loc_b[o] = bb; A.loc_p[o] = cur_p(p, pn, w);
+}
+
+// Per (b, c): scan over chunks (the chunk-start states are saved), then the medium recurrence.
+WKV_DEV void fwd_scan(const WkvFwdArgs& A, int b, int c) {
+  const WkvGeo& g = A.g;
+  const size_t bc = (size_t)b * g.C + c;
+  const float w = ex(A.td[c]);
+  float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG), pn = 0.f;
+  // Loads of SB chunks are issued together (they do not depend on the recurrence).
+  for (int n0 = 0; n0 < g.NC; n0 += SB) {
+    float la[SB], lb[SB], lp[SB];
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++)
+      if (n0 + i < g.NC) {
+        const size_t o = ((size_t)b * g.NC + n0 + i) * g.C + c;
+        la[i] = A.loc_a[o]; lb[i] = A.loc_b[o]; lp[i] = A.loc_p[o];
+      }
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++)
+      if (n0 + i < g.NC) {
+        int t0, t1;
+        wkv_chunk_range(g, n0 + i, t0, t1);
+        const size_t o = ((size_t)b * g.NC + n0 + i) * g.C + c;
+        A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = cur_p(p, pn, w);
+        dec_add(a, bb, p, pn, w, (float)(t1 - t0), la[i], lb[i], lp[i]);
+      }
+  }
+  A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = cur_p(p, pn, w);
+  if (g.s > 0) {
+    const float wm = ex(A.md[c]);
+    a = ld_or(A.ma, bc, 0.f); bb = ld_or(A.mb, bc, 0.f); p = ld_or(A.mp, bc, WKV_NEG); pn = 0.f;
+    for (int r0 = 0; r0 < g.J; r0 += SB) {
+      float kk[SB], vv[SB];
+      WKV_UNROLL
+      for (int i = 0; i < SB; i++)
+        if (r0 + i < g.J) {
+          const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
+          kk[i] = A.mk[o]; vv[i] = A.mv[o];
+        }
+      WKV_UNROLL
+      for (int i = 0; i < SB; i++)
+        if (r0 + i < g.J) {
+          const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
+          A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
+          if (r0 + i < g.complete) dec_add(a, bb, p, pn, wm, 1.f, vv[i], 1.f, kk[i]);
+        }
+    }
+    A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm);
+  }
+}
+
+// Outputs of one chunk from its start state.
+WKV_DEV void fwd_out_exact(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]), u = A.tf[c];
+  in_t* __restrict__ y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
+  MedCursor M;
+  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
+  for (int base = t0; base < t1; base += U) {
+    float kb[U], vb[U];
+    WKV_UNROLL
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
+    WKV_UNROLL
+    for (int i = 0; i < U; i++) {
+      const int t = base + i;
+      if (t < t1) {
+        M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+        const float pc = cur_p(p, pn, w);
+        const float lu = u + kb[i];
+        const float m = fmaxf(fmaxf(pc, lu), M.mP);
+        const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(M.mP - m);
+        const float num = e1 * a + e2 * vb[i] + em * M.mA;
+        const float den = e1 * bb + e2 + em * M.mB;
+        y[(size_t)t * g.C] = from_f(dv(num, den));
+        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
+        M.pos++;
+      }
+    }
+  }
+}
+
+WKV_DEV void fwd_local(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]);
+  Scale S;
+  // Sums from zero: the reference is the largest key (u and the mediums take no part here).
+  if (!S.init(nullptr, g, b, c, t0, 0, t1 - t0, K, WKV_NEG, w, 0.f)) {
+    fwd_local_exact(A, b, n, c, t0, t1, K, V);
+    return;
+  }
+  // The running maximum (pr, pn) as the log-space path keeps it: the sums are handed on on its
+  // scale, so that the state a run returns is represented exactly as the reference represents it.
+  float a = 0.f, bb = 0.f, pr = WKV_NEG, pn = 0.f;
+  for (int base = t0; base < t1; base += U) {
+    float kb[U], vb[U];
+    WKV_UNROLL
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
+    WKV_UNROLL
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) {
+        const float x = ex(kb[i] - S.R);
+        a = fmaf(S.ew, a, x * vb[i]);
+        bb = fmaf(S.ew, bb, x);
+        pn += 1.f;
+        if (kb[i] > cur_p(pr, pn, w)) { pr = kb[i]; pn = 0.f; }
+      }
+  }
+  const float p = cur_p(pr, pn, w), e = ex(S.R - p);     // p <= R; b * e is in [1, t1 - t0]
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  A.loc_a[o] = a * e; A.loc_b[o] = bb * e; A.loc_p[o] = p;
+}
+
+WKV_DEV void fwd_out(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]), u = A.tf[c];
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  const float p = A.cs_p[o];
+  Scale S;
+  if (!S.init(A.ms_p, g, b, c, t0, 0, t1 - t0, K, p, w, u)) {
+    fwd_out_exact(A, b, n, c, t0, t1, K, V);
+    return;
+  }
+  in_t* __restrict__ y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
+  const float e = ex(p - S.R);
+  float a = A.cs_a[o] * e, bb = A.cs_b[o] * e;
+  MedCursor M;
+  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
+  float mA, mB;
+  S.medium(M, mA, mB);
+  for (int base = t0; base < t1; base += U) {
+    float kb[U], vb[U];
+    WKV_UNROLL
+    for (int i = 0; i < U; i++)
+      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
+    WKV_UNROLL
+    for (int i = 0; i < U; i++) {
+      const int t = base + i;
+      if (t < t1) {
+        if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+        const float x = ex(kb[i] - S.R), xu = S.eu * x;
+        y[(size_t)t * g.C] = from_f(dv(a + xu * vb[i] + mA, bb + xu + mB));
+        a = fmaf(S.ew, a, x * vb[i]);
+        bb = fmaf(S.ew, bb, x);
+        M.pos++;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+// Chunk-local sums of the output adjoints: gN_t = gy_t / D_t and gD_t = -gy_t y_t / D_t,
+// (1) decayed to the chunk start: sum_t e^{-(t-t0) w} gN_t, (2) per segment (undecayed).
+// Also saves the token state at every sub-chunk start, for bwd_out.
+WKV_DEV void bwd_local_exact(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]), u = A.tf[c];
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
+  MedCursor M;
+  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
+  float ra = 0.f, rb = 0.f, rp = WKV_NEG;   // reverse sum decayed to t0
+  float sa = 0.f, sb = 0.f, sp = WKV_NEG;   // segment sum
+  for (int base = t0; base < t1; base += UB) {
+    float kb[UB], vb[UB], gb[UB];
+    WKV_UNROLL
+    for (int i = 0; i < UB; i++)
+      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); gb[i] = G(base + i - t0); }
+    WKV_UNROLL
+    for (int i = 0; i < UB; i++) {
+      const int t = base + i;
+      if (t < t1) {
+        M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+        const float pc = cur_p(p, pn, w);
+        if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
+          const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
+                              (t - t0) / WKV_SUB) * g.C + c;
+          A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
+        }
+        const TokOut q = tok_out(a, bb, pc, kb[i], vb[i], u, M.mA, M.mB, M.mP);
+        const float gn = dv(gb[i], q.den);
+        lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
+        if (g.s > 0) {
+          lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
+          if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+            const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
+            A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+            sa = 0.f; sb = 0.f; sp = WKV_NEG;
+          }
+        }
+        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
+        M.pos++;
+      }
+    }
+  }
+  A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = rp;
+  if (g.s > WKV_CH) {
+    const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
+    A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+  }
+}
+
+WKV_DEV void bwd_local(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]), u = A.tf[c];
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  const float p = A.cs_p[o];
+  Scale S;
+  if (!S.init(A.ms_p, g, b, c, t0, 0, t1 - t0, K, p, w, u)) {
+    bwd_local_exact(A, b, n, c, t0, t1, K, V, G);
+    return;
+  }
+  const float e = ex(p - S.R);
+  float a = A.cs_a[o] * e, bb = A.cs_b[o] * e;
+  MedCursor M;
+  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
+  float mA, mB;
+  S.medium(M, mA, mB);
+  float ra = 0.f, rb = 0.f, dcy = 1.f;      // reverse sum decayed to t0 (dcy = e^{-(t - t0) w})
+  float sa = 0.f, sb = 0.f;                 // segment sum
+  for (int base = t0; base < t1; base += UB) {
+    float kb[UB], vb[UB], gb[UB];
+    WKV_UNROLL
+    for (int i = 0; i < UB; i++)
+      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); gb[i] = G(base + i - t0); }
+    WKV_UNROLL
+    for (int i = 0; i < UB; i++) {
+      const int t = base + i;
+      if (t < t1) {
+        if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+        if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
+          const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
+                              (t - t0) / WKV_SUB) * g.C + c;
+          A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = S.R;
+        }
+        const float x = ex(kb[i] - S.R), xu = S.eu * x;
+        const float den = bb + xu + mB;
+        const float y = dv(a + xu * vb[i] + mA, den);
+        const float gn = dv(gb[i], den);
+        ra = fmaf(dcy, gn, ra);
+        rb = fmaf(-dcy * gn, y, rb);
+        dcy *= S.ew;
+        if (g.s > 0) {
+          sa += gn;
+          sb = fmaf(-gn, y, sb);
+          if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+            const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
+            A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = -S.R;
+            sa = 0.f; sb = 0.f;
+          }
+        }
+        a = fmaf(S.ew, a, x * vb[i]);
+        bb = fmaf(S.ew, bb, x);
+        M.pos++;
+      }
+    }
+  }
+  A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = -S.R;
+  if (g.s > WKV_CH) {
+    const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
+    A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = -S.R;
+  }
+}
+
+// Per (b, c): reverse scan over chunks (writes the adjoint of the token state at each chunk end into
+// r_*), gradients of the incoming token state, and the whole medium backward.
+WKV_DEV void bwd_scan(const WkvBwdArgs& A, int b, int c) {
+  const WkvGeo& g = A.g;
+  const size_t bc = (size_t)b * g.C + c;
+  const float w = ex(A.td[c]);
+  float Ra = ld_or(A.gaaT, bc, 0.f), Rb = ld_or(A.gbbT, bc, 0.f), Rp = -A.ppT[bc], Rn = 0.f;
+  for (int n0 = g.NC - 1; n0 >= 0; n0 -= SB) {
+    float la[SB], lb[SB], lp[SB];
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++)
+      if (n0 - i >= 0) {
+        const size_t o = ((size_t)b * g.NC + n0 - i) * g.C + c;
+        la[i] = A.r_a[o]; lb[i] = A.r_b[o]; lp[i] = A.r_p[o];
+      }
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++)
+      if (n0 - i >= 0) {
+        int t0, t1;
+        wkv_chunk_range(g, n0 - i, t0, t1);
+        const size_t o = ((size_t)b * g.NC + n0 - i) * g.C + c;
+        A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = cur_p(Rp, Rn, w);
+        dec_add(Ra, Rb, Rp, Rn, w, (float)(t1 - t0), la[i], lb[i], lp[i]);
+      }
+  }
+  Rp = cur_p(Rp, Rn, w);
+  {
+    const float aa0 = ld_or(A.aa, bc, 0.f), bb0 = ld_or(A.bb, bc, 0.f);
+    const float e = ex(Rp + ld_or(A.pp, bc, WKV_NEG));
+    const float ga = Ra * e, gb = Rb * e;
+    A.gaa[bc] = ga; A.gbb[bc] = gb; A.gpp[bc] = ga * aa0 + gb * bb0;
+  }
+  if (g.s == 0) return;
+  const float wm = ex(A.md[c]);
+  float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;   // adjoint of the medium state before segment r + 1
+  if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
+  float acc = 0.f;
+  for (int r0 = g.J - 1; r0 >= 0; r0 -= SB) {
+    // Loads of SB segments issued together (independent of the recurrence).
+    float kk_[SB], vv_[SB], xa_[SB], xb_[SB], xp_[SB], sa_[SB], sb_[SB], sp_[SB];
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++)
+      if (r0 - i >= 0) {
+        const size_t o = ((size_t)b * g.J + r0 - i) * g.C + c;
+        kk_[i] = A.mk[o]; vv_[i] = A.mv[o];
+        xa_[i] = A.ms_a[o]; xb_[i] = A.ms_b[o]; xp_[i] = A.ms_p[o];
+        if (g.s <= WKV_CH) {
+          const size_t os = ((size_t)b * g.npiece + r0 - i) * g.C + c;
+          sa_[i] = A.s_a[os]; sb_[i] = A.s_b[os]; sp_[i] = A.s_p[os];
+        }
+      }
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++) {
+      const int r = r0 - i;
+      if (r < 0) break;
+      const size_t o = ((size_t)b * g.J + r) * g.C + c;
+      const float Mc = cur_p(Mp, Mn, wm);
+      const float e = ex(kk_[i] + Mc);
+      A.gmv[o] = Ma * e;
+      A.gmk[o] = (vv_[i] * Ma + Mb) * e;
+      acc += (xa_[i] * Ma + xb_[i] * Mb) * ex(xp_[i] + Mc - wm);
+      Mn += 1.f;
+      if (g.s <= WKV_CH) {
+        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, sa_[i], sb_[i], sp_[i]);
+      } else {
+        const int n0 = wkv_max(r * g.nsub - g.c_first, 0);
+        const int n1 = wkv_min((r + 1) * g.nsub - g.c_first, g.NC);
+        for (int n = n0; n < n1; n++) {
+          const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
+          dec_add(Ma, Mb, Mp, Mn, wm, 0.f, A.s_a[os], A.s_b[os], A.s_p[os]);
+        }
+      }
+      if (r == g.complete)
+        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, ld_or(A.gmaT, bc, 0.f), ld_or(A.gmbT, bc, 0.f), -A.mpT[bc]);
+    }
+  }
+  Mp = cur_p(Mp, Mn, wm);
+  const float ma0 = ld_or(A.ma, bc, 0.f), mb0 = ld_or(A.mb, bc, 0.f);
+  const float e = ex(Mp + ld_or(A.mp, bc, WKV_NEG));
+  const float ga = Ma * e, gb = Mb * e;
+  A.gma[bc] = ga; A.gmb[bc] = gb; A.gmp[bc] = ga * ma0 + gb * mb0;
+  A.pwm[bc] = acc;
+}
+
+// Gradients of k and v of one chunk: walk it backwards in sub-chunks of WKV_SUB tokens, whose
+// forward states are recomputed from the sub-chunk start states saved by bwd_local. Each sub-chunk
+// takes the scaled path when its inputs allow (see Scale), the log-space path otherwise; both carry
+// the adjoint of the token state as (ga, gb) * exp(cur_p(gq, gn, w)).
+struct Adj { float ga, gb, gq, gn, gw, gu; };
+
+WKV_DEV void bwd_out_sub_exact(const WkvBwdArgs& A, int b, int c, int t0, int tb, int t1, float a, float bb,
+                               float p, Col K, Col V, Col G, in_t* gk, in_t* gv, float w, float u, Adj& J) {
+  const WkvGeo& g = A.g;
+  MedCursor M;
+  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
+  float ta[WKV_SUB], tbb[WKV_SUB], tp[WKV_SUB], tm[WKV_SUB], tgn[WKV_SUB], ty[WKV_SUB], tgx[WKV_SUB];
+  float pn = 0.f;
+  WKV_UNROLL
+  for (int i = 0; i < WKV_SUB; i++) {
+    if (tb + i < t1) {
+      M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+      const float pc = cur_p(p, pn, w);
+      const float kx = K(tb + i - t0), vx = V(tb + i - t0);
+      const TokOut q = tok_out(a, bb, pc, kx, vx, u, M.mA, M.mB, M.mP);
+      ta[i] = a; tbb[i] = bb; tp[i] = pc;
+      tm[i] = q.m; tgn[i] = dv(G(tb + i - t0), q.den); ty[i] = q.y; tgx[i] = q.eu * tgn[i];
+      dec_add(a, bb, p, pn, w, 1.f, vx, 1.f, kx);
+      M.pos++;
+    }
+  }
+  WKV_UNROLL
+  for (int i = WKV_SUB - 1; i >= 0; i--) {
+    const int t = tb + i;
+    if (t < t1) {
+      // (ga, gb, gq): adjoint of the token state after t (A_{t+1}, B_{t+1}).
+      const float gc = cur_p(J.gq, J.gn, w);
+      const float kx = K(t - t0), vx = V(t - t0);
+      const float x = tgx[i];
+      const float ek = ex(kx + gc);
+      const float dy = vx - ty[i];
+      gv[(size_t)t * g.C] = from_f(x + ek * J.ga);
+      gk[(size_t)t * g.C] = from_f(x * dy + ek * (J.ga * vx + J.gb));
+      J.gu += x * dy;
+      J.gw += (ta[i] * J.ga + tbb[i] * J.gb) * ex(tp[i] + gc - w);
+      dec_add(J.ga, J.gb, J.gq, J.gn, w, 1.f, tgn[i], -tgn[i] * ty[i], -tm[i]);
+    }
+  }
+}
+
+WKV_DEV void bwd_out_sub_scaled(const WkvBwdArgs& A, int b, int c, int t0, int tb, int t1, const Scale& S,
+                                float a, float bb, float gA, float gB, Col K, Col V, Col G, in_t* gk, in_t* gv,
+                                Adj& J) {
+  const WkvGeo& g = A.g;
+  MedCursor M;
+  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
+  float mA, mB;
+  S.medium(M, mA, mB);
+  float tA[WKV_SUB], tB[WKV_SUB], tx[WKV_SUB], ty[WKV_SUB], tg[WKV_SUB];
+  WKV_UNROLL
+  for (int i = 0; i < WKV_SUB; i++) {
+    if (tb + i < t1) {
+      if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+      const float kx = K(tb + i - t0), vx = V(tb + i - t0);
+      const float x = ex(kx - S.R), xu = S.eu * x;
+      const float den = bb + xu + mB;
+      ty[i] = dv(a + xu * vx + mA, den);
+      tg[i] = dv(G(tb + i - t0), den);
+      tA[i] = a; tB[i] = bb; tx[i] = x;
+      a = fmaf(S.ew, a, x * vx);
+      bb = fmaf(S.ew, bb, x);
+      M.pos++;
+    }
+  }
+  // (gA, gB) * exp(-R): the adjoint of the state after the sub-chunk, on the same scale.
+  float gw = 0.f;
+  WKV_UNROLL
+  for (int i = WKV_SUB - 1; i >= 0; i--) {
+    const int t = tb + i;
+    if (t < t1) {
+      const float vx = V(t - t0);
+      const float q = S.eu * tx[i] * tg[i];        // exp(u + k) gy / D: the token's own term
+      const float dy = vx - ty[i];
+      gv[(size_t)t * g.C] = from_f(fmaf(tx[i], gA, q));
+      gk[(size_t)t * g.C] = from_f(fmaf(q, dy, tx[i] * fmaf(gA, vx, gB)));
+      J.gu = fmaf(q, dy, J.gu);
+      gw = fmaf(tA[i], gA, fmaf(tB[i], gB, gw));
+      gA = fmaf(S.ew, gA, tg[i]);
+      gB = fmaf(S.ew, gB, -tg[i] * ty[i]);
+    }
+  }
+  J.gw = fmaf(gw, S.ew, J.gw);
+  J.ga = gA; J.gb = gB; J.gq = -S.R; J.gn = 0.f;
+}
+
+WKV_DEV void bwd_out(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
+  constexpr int NS = WKV_CH / WKV_SUB;
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]), u = A.tf[c];
+  const size_t base_bt = (size_t)b * g.T * g.C + c;
+  in_t* __restrict__ gk = (in_t*)A.gk + base_bt;
+  in_t* __restrict__ gv = (in_t*)A.gv + base_bt;
+  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+  Adj J{A.r_a[o], A.r_b[o], A.r_p[o], 0.f, 0.f, 0.f};   // adjoint of the state after the chunk
+#pragma unroll 1
+  for (int j = NS - 1; j >= 0; j--) {
+    const int tb = t0 + j * WKV_SUB;
+    if (tb >= t1) continue;
+    const int te = wkv_min(tb + WKV_SUB, t1);
+    const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
+    const float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss];   // the state before tb
+    Scale S;
+    bool scaled = S.init(A.ms_p, g, b, c, tb, tb - t0, te - t0, K, p, w, u);
+    float gA = 0.f, gB = 0.f;
+    if (scaled) {       // the incoming adjoint on this scale must stay well inside the float range
+      const float e = ex(cur_p(J.gq, J.gn, w) + S.R);
+      gA = J.ga * e;
+      gB = J.gb * e;
+      scaled = fabsf(gA) <= 1e30f && fabsf(gB) <= 1e30f;
+    }
+    if (scaled) {
+      const float e = ex(p - S.R);
+      bwd_out_sub_scaled(A, b, c, t0, tb, t1, S, a * e, bb * e, gA, gB, K, V, G, gk, gv, J);
+    } else {
+      bwd_out_sub_exact(A, b, c, t0, tb, t1, a, bb, p, K, V, G, gk, gv, w, u, J);
+    }
+  }
+  A.pw[o] = J.gw;
+  A.pu[o] = J.gu;
+}
+
+// Per c: fixed-order sums of the per-chunk partial gradients of time_decay, time_first, medium_decay.
+WKV_DEV void bwd_reduce(const WkvBwdArgs& A, int c) {
+  const WkvGeo& g = A.g;
+  float sw = 0.f, su = 0.f;
+  const int rows = g.B * g.NC;
+  for (int i = 0; i < rows; i++) {
+    sw += A.pw[(size_t)i * g.C + c];
+    su += A.pu[(size_t)i * g.C + c];
+  }
+  const float w = ex(A.td[c]);
+  A.gtd[c] = -w * sw;
+  A.gtf[c] = su;
+  if (g.s > 0) {
+    float sm = 0.f;
+    for (int i = 0; i < g.B; i++) sm += A.pwm[(size_t)i * g.C + c];
+    A.gmd[c] = -ex(A.md[c]) * sm;
+  }
+}

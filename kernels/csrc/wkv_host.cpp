@@ -1,0 +1,70 @@
+// The WKV kernels' arithmetic (wkv_algo.h) run on the CPU: the same per-thread functions as the CUDA
+// kernels (wkv.cu), called in loops in the kernels' order. Built with the host compiler (WKV_HOST)
+// by kernels/build.py for the tests, so that the chunking, the scans and the backward of the CUDA
+// kernel are checked against the float64 reference on machines without a GPU. Slow; not for use.
+#include <ATen/Parallel.h>
+#include "wkv_algo.h"
+
+const char* wkv_dtype_name() {
+#if WKV_DTYPE == 0
+  return "bfloat16";
+#elif WKV_DTYPE == 1
+  return "float16";
+#else
+  return "float32";
+#endif
+}
+
+namespace {
+
+// The inputs of channel c of batch row b from token t0 on, in the (B, T, C) tensor itself.
+Col col(const void* x, const WkvGeo& g, int b, int t0, int c) {
+  return Col{(const in_t*)x + ((size_t)b * g.T + t0) * g.C + c, g.C};
+}
+
+// f(b, n, c, t0, t1) for every (batch row, chunk, channel), chunks in parallel.
+template <class F>
+void each_chunk(const WkvGeo& g, F f) {
+  at::parallel_for(0, (int64_t)g.B * g.NC, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; i++) {
+      const int b = (int)(i / g.NC), n = (int)(i % g.NC);
+      int t0, t1;
+      wkv_chunk_range(g, n, t0, t1);
+      for (int c = 0; c < g.C; c++) f(b, n, c, t0, t1);
+    }
+  });
+}
+
+template <class F>
+void each_channel(const WkvGeo& g, F f) {
+  at::parallel_for(0, (int64_t)g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; i++) f((int)(i / g.C), (int)(i % g.C));
+  });
+}
+
+}  // namespace
+
+void wkv_forward_host(const WkvFwdArgs& A) {
+  const WkvGeo& g = A.g;
+  each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
+    fwd_local(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c));
+  });
+  each_channel(g, [&](int b, int c) { fwd_scan(A, b, c); });
+  each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
+    fwd_out(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c));
+  });
+}
+
+void wkv_backward_host(const WkvBwdArgs& A) {
+  const WkvGeo& g = A.g;
+  each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
+    bwd_local(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c), col(A.gy, g, b, t0, c));
+  });
+  each_channel(g, [&](int b, int c) { bwd_scan(A, b, c); });
+  each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
+    bwd_out(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c), col(A.gy, g, b, t0, c));
+  });
+  at::parallel_for(0, g.C, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; c++) bwd_reduce(A, (int)c);
+  });
+}
