@@ -72,20 +72,24 @@ def copy_bandwidth():
     return 2 * n / (ms * 1e-3) / 1e9
 
 
-def wkv_inputs(B, T, C, s, dtype, n_sets, seed=0):
+def wkv_inputs(B, T, C, s, dtype, n_sets, seed=0, wide_keys=False):
+    """Random inputs; keys N(0, 3^2) (stretches take the kernel's scaled path), or with `wide_keys`
+    uniform in [-30, 30] (spread wider than WKV_SPAN: mostly the log-space path, the slow case)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *sh: torch.randn(*sh, device="cuda", generator=g)  # noqa: E731
+    keys = ((lambda *sh: (torch.rand(*sh, device="cuda", generator=g) * 2 - 1) * 30) if wide_keys
+            else (lambda *sh: r(*sh) * 3))
     sets = []
     for _ in range(n_sets):
         td = (r(C) * 1.5 - 1).requires_grad_()
         tf = r(C).requires_grad_()
-        k = (r(B, T, C) * 3).to(dtype).requires_grad_()
+        k = keys(B, T, C).to(dtype).requires_grad_()
         v = r(B, T, C).to(dtype).requires_grad_()
         gy = r(B, T, C).to(dtype)
         if s:
             J = -(-T // s)
             md = (r(C) * 1.5 - 1).requires_grad_()
-            mk = (r(B, J, C) * 3).requires_grad_()
+            mk = keys(B, J, C).requires_grad_()
             mv = r(B, J, C).requires_grad_()
         else:
             md = mk = mv = None
@@ -145,6 +149,9 @@ def bench(shapes, dtype, interval, rep):
         res["kernel, mediums (s=%d)" % interval] = time_fn(wkv_step(interval, wkv_retro), sets_m, rep=rep)
         res["  its CUDA kernels only (profiler)"] = own_kernel_ms(wkv_step(interval, wkv_retro), sets_m)
         del sets_m
+        sets_w = wkv_inputs(B, T, C, interval, dtype, n_sets, wide_keys=True)
+        res["kernel, mediums, keys in [-30, 30]"] = time_fn(wkv_step(interval, wkv_retro), sets_w, rep=rep)
+        del sets_w
         sets_0 = wkv_inputs(B, T, C, 0, dtype, n_sets)
         res["kernel, no mediums (s=0)"] = time_fn(wkv_step(0, wkv_retro), sets_0, rep=rep)
         res["  its CUDA kernels only (profiler) "] = own_kernel_ms(wkv_step(0, wkv_retro), sets_0)
