@@ -30,9 +30,9 @@ def make_doc(path):
 
 def one_error_line(p):
     assert p.returncode == 2, p.stdout + p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    return lines[0]
+    errors = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and p.stderr.strip().endswith(errors[0]) and "Traceback" not in p.stderr, p.stderr
+    return errors[0]
 
 
 def test_report_on_pilot_results(tmp_path):
@@ -147,8 +147,10 @@ def test_run_sh_tiny_cpu_then_report(tmp_path):
     assert ev["documents"] == 2 and [b["bucket"] for b in ev["loss_by_position"]][0] == "0-64"
     assert [row["distance"] for row in ev["tasks"]["passkey"]] == [48, 96]
     assert (results / "rrwkv-s32-seed7.log").read_text().count("done in") == 1
-    # the data step is skipped once done; report.py reads what run.sh wrote
+    # the data step is skipped once done; a run folder of other settings is not resumed
     assert len(list((tmp_path / "data").iterdir())) == 1
+    assert "train.max_steps" in one_error_line(run_sh(["rrwkv-s32", "7", *TINY], {**env, "STEPS": "8"}))
+    # report.py reads what run.sh wrote
     doc = make_doc(tmp_path / "doc.md")
     p = report(results, doc)
     assert p.returncode == 0, p.stderr

@@ -67,7 +67,24 @@ fi
 DATA=$("$PY" benchmarks/long_range/prepare.py --corpus "$CORPUS" --out "$STUDY_DATA" --workers "$(nproc)")
 T_DATA=$(now)
 
-# 2. training, stopped cleanly by the time guard if it would leave too little for the evaluation
+# 2. training, stopped cleanly by the time guard if it would leave too little for the evaluation;
+#    a run directory left by a run with other settings is not resumed
+if [ -f "$RUN/config.yaml" ]; then
+  "$PY" -c '
+import sys
+from omegaconf import OmegaConf
+from pretrain.config import load_config
+try:
+    old, new = OmegaConf.load(sys.argv[1]), load_config(sys.argv[2:4], sys.argv[4:])
+except Exception as e:
+    sys.exit(f"error: {e}")
+keys = ["run.seed"] + [f"{s}.{k}" for s in ("model", "optim", "train") for k in new[s]]
+diff = ", ".join(k for k in keys if OmegaConf.select(old, k) != OmegaConf.select(new, k))
+if diff:
+    sys.exit(f"error: {sys.argv[1]} is a run with other settings ({diff}); remove its folder or set RUNS_DIR")
+' "$RUN/config.yaml" configs/study/base.yaml "configs/study/$NAME.yaml" run.seed="$SEED" \
+    optim.fused_adam=false "${EXTRA[@]}" "$@" || exit 2
+fi
 TRAIN_S=$(python3 -c "print(int($BUDGET_S - $T_DATA - $EVAL_RESERVE_S))")
 [ "$TRAIN_S" -ge 30 ] || die "BUDGET_S=$BUDGET_S leaves ${TRAIN_S}s for training after data preparation (${T_DATA}s) and EVAL_RESERVE_S=$EVAL_RESERVE_S"
 echo "== training: time guard ${TRAIN_S}s"
