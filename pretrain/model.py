@@ -328,16 +328,18 @@ def _generator(seed: int, index: int) -> torch.Generator:
 
 
 def _orthogonal_(weight: torch.Tensor, gain: float, gen: torch.Generator) -> None:
-    """Orthogonal init drawn on CPU from `gen`, copied into `weight` (any device/dtype)."""
-    w = torch.empty(weight.shape, dtype=torch.float32)
-    rows, cols = w.shape
+    """Orthogonal init drawn on CPU from `gen` (the same numbers in any layout), factored by QR on the
+    GPU when the process has one (on CPU the QRs of a 7B-14B model take minutes), copied into `weight`
+    (any device/dtype)."""
+    rows, cols = weight.shape
     flat = torch.randn(max(rows, cols), min(rows, cols), generator=gen)
+    if torch.cuda.is_available():
+        flat = flat.cuda()
     q, r = torch.linalg.qr(flat)
     q = q * torch.sign(torch.diagonal(r))[None]
     if rows < cols:
         q = q.T
-    w.copy_(q[:rows, :cols] * gain)
-    weight.copy_(w.to(weight.dtype))
+    weight.copy_((q[:rows, :cols] * gain).to(weight.dtype))
 
 
 def _linear_gain(weight: torch.Tensor) -> float:
