@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class TransformerBlock(nn.Module):
@@ -39,11 +40,15 @@ class SDPATransformer(nn.Module):
                                      for _ in range(n_layer)])
         self.ln_out = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.gradient_checkpointing = False   # recompute each block in backward, as RRWKV does
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.emb(idx)
         for b in self.blocks:
-            x = b(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(b, x, use_reentrant=False)
+            else:
+                x = b(x)
         return self.head(self.ln_out(x))
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -36,7 +36,7 @@ def parse_config(argv: Sequence[str], prog: str) -> DictConfig:
     p.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge several in order")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    args = p.parse_args(list(argv))
+    args = p.parse_intermixed_args(list(argv))   # --config files and key=value overrides in any order
     return load_config(args.config, args.overrides)
 
 
