@@ -122,8 +122,12 @@ def wkv_memory(self, k, v, mk, mv, st):
     return WKVMemory.apply(k, v, mk, mv), WKVState(zeros(), zeros(), zeros())
 
 
-def measure_activations(mcfg, dtype, micro_batch: int, seq_len: int, checkpointing: bool, l2wrap: bool):
-    """Peak live bytes of one forward + loss + backward, and the bytes saved by the blocks after forward."""
+def measure_activations(mcfg, dtype, micro_batch: int, seq_len: int, checkpointing: bool, l2wrap: bool,
+                        fake: bool = True):
+    """Peak live bytes of one forward + loss + backward, and the bytes saved by the blocks after forward.
+    fake=False runs on real CPU tensors (tests compare the two on a small model)."""
+    import contextlib
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from pretrain.engine import lm_loss
@@ -132,7 +136,7 @@ def measure_activations(mcfg, dtype, micro_batch: int, seq_len: int, checkpointi
     TimeMix.wkv = wkv_memory
     try:
         default = torch.get_default_dtype()
-        with FakeTensorMode():
+        with FakeTensorMode() if fake else contextlib.nullcontext():
             torch.set_default_dtype(dtype)   # parameters made in the compute dtype (fake tensors cannot be converted)
             try:
                 model = RRWKV(mcfg, init_seed=None).train()
