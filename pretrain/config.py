@@ -60,7 +60,7 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    fused_adam: bool = True              # DeepSpeed's FusedAdam on GPUs (JIT-built once); false: torch AdamW
+    fused_adam: bool = True              # DeepSpeed's FusedAdam on GPUs (JIT-built once); false: torch's fused AdamW
 
 
 @dataclass
