@@ -145,8 +145,7 @@ def make_sdpa(cfg, mcfg, T):
     sdpa = SDPATransformer(mcfg.vocab_size, mcfg.n_layer, mcfg.n_embd, ffn_mult=mcfg.ffn_mult)
     sdpa.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
     if cfg.model.compile:
-        for b in sdpa.blocks:
-            b.compile(fullgraph=True)
+        sdpa.compile_blocks()
         if cfg.parallel.zero_stage == 3:  # as for RRWKV's blocks: no ZeRO-3 hook inside a compiled block
             from deepspeed.utils import set_z3_leaf_modules
             set_z3_leaf_modules(sdpa, [TransformerBlock])
@@ -226,8 +225,7 @@ def main(argv):
             from pretrain.compile import compile_blocks
             compile_blocks(m)
         else:
-            for b in m.blocks:
-                b.compile(fullgraph=True)
+            m.compile_blocks()
 
     models = ["rrwkv"] + (["sdpa_transformer"] if not args.no_sdpa and stages == 1 else [])
     results, names = {}, []

@@ -6,6 +6,8 @@ attention 4 C^2 + MLP 2 C H, so H = 4.5 C).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,6 +52,13 @@ class SDPATransformer(nn.Module):
             else:
                 x = b(x)
         return self.head(self.ln_out(x))
+
+    def compile_blocks(self) -> None:
+        """torch.compile the block's forward once, shared by all blocks (as pretrain/compile.py does for
+        RRWKV); module hooks, such as DeepSpeed's ZeRO-3 ones, stay outside the compiled graph."""
+        forward = torch.compile(TransformerBlock.forward, fullgraph=True)
+        for b in self.blocks:
+            b.forward = functools.partial(forward, b)
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 N_nonembedding + 6 C V, plus causal attention's 6 * n_layer * T * C (half of 12 T C)."""
