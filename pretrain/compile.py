@@ -39,4 +39,12 @@ def compile_blocks(model: torch.nn.Module) -> int:
         if isinstance(m, Block):
             m.compiled = compiled_regions()
             n += 1
+    # The blocks share the two graphs (Dynamo inlines the module calls and guards on what they
+    # hold, not on which block it is: 12 blocks, 2 graphs on torch 2.13). Should a torch version
+    # guard each block apart, let it compile them all rather than fall back to eager after its
+    # default 8 entries.
+    import torch._dynamo.config as dynamo
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, key):
+            setattr(dynamo, key, max(getattr(dynamo, key), n + 8))
     return n
