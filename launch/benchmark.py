@@ -136,6 +136,12 @@ def gather(obj):
     return objs
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has captured in this process so far (0 for an eager run)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def say_main(dist, text: str) -> None:
     if dist.is_main:
         print(text, flush=True)
@@ -239,8 +245,10 @@ def main(argv):
             if variant.endswith("_compiled"):
                 compile_now(name, m)
             names.append(variant)
+            graphs = dynamo_graphs()
             try:
                 results[variant] = measure(engine, variant, flops, params)
+                results[variant]["dynamo_graphs"] = dynamo_graphs() - graphs   # compiled during this model's steps
             except torch.cuda.OutOfMemoryError as e:   # one process: keep the other models' figures
                 if dist.world_size > 1:
                     raise
