@@ -4,7 +4,7 @@
 # TFLOP/s and MFU per GPU, peak memory of every rank, time per phase.
 #
 #   source .whl/activate.sh && OUT=$OUT bash benchmarks/gpu4_7b_zero3.sh
-#   COMPILE=true ...   with model.compile=true (blocks become ZeRO-3 leaf modules)
+#   COMPILE=true ...   with model.compile=true
 #
 # Time (planned): 1-2 min start-up (zero.Init and the seeded init of 34 parts, QR on the GPU),
 # 9 steps of 2-3 s; 3-4 min. If the first layout runs out of memory, the second runs after it.

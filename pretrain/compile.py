@@ -9,9 +9,9 @@ two graphs (four with their backward); the WKV op stays an eager call between th
 kernel, its autograd and its build cache are untouched. A block with a carried state (chunked
 evaluation, generation) runs eagerly.
 
-Under ZeRO-3 the engine makes each Block one ZeRO-3 "leaf" module (pretrain/engine.py): its
-parameters are gathered together when the block starts, so no DeepSpeed hook (a graph break) runs
-inside a compiled region.
+Under ZeRO-3 each Block is one ZeRO-3 "leaf" module (pretrain/engine.py): its parameters are
+gathered together when the block starts, so no DeepSpeed hook (a graph break) runs inside a
+compiled region.
 """
 from __future__ import annotations
 
