@@ -6,9 +6,12 @@ attention 4 C^2 + MLP 2 C H, so H = 4.5 C).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class TransformerBlock(nn.Module):
@@ -39,12 +42,23 @@ class SDPATransformer(nn.Module):
                                      for _ in range(n_layer)])
         self.ln_out = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.gradient_checkpointing = False   # recompute each block in backward, as RRWKV does
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.emb(idx)
         for b in self.blocks:
-            x = b(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(b, x, use_reentrant=False)
+            else:
+                x = b(x)
         return self.head(self.ln_out(x))
+
+    def compile_blocks(self) -> None:
+        """torch.compile the block's forward once, shared by all blocks (as pretrain/compile.py does for
+        RRWKV); module hooks, such as DeepSpeed's ZeRO-3 ones, stay outside the compiled graph."""
+        forward = torch.compile(TransformerBlock.forward, fullgraph=True)
+        for b in self.blocks:
+            b.forward = functools.partial(forward, b)
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 N_nonembedding + 6 C V, plus causal attention's 6 * n_layer * T * C (half of 12 T C)."""

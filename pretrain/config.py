@@ -34,6 +34,7 @@ class ModelSection(RRWKVConfig):
     """The RRWKVConfig fields (pretrain/model.py, one definition) plus how to run the WKV op."""
     cuda_kernel: bool = True             # false: the PyTorch reference also on GPUs
     kernel_cache: Optional[str] = None   # where the compiled CUDA kernel is cached (shared FS on clusters)
+    compile: bool = False                # torch.compile each block's non-kernel parts (pretrain/compile.py)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    fused_adam: bool = True              # DeepSpeed's FusedAdam on GPUs (JIT-built once); false: torch AdamW
+    fused_adam: bool = True              # DeepSpeed's FusedAdam on GPUs (JIT-built once); false: torch's fused AdamW
 
 
 @dataclass
@@ -87,6 +88,8 @@ class ParallelSection:
     partition_method: str = "parameters"  # pipeline stage balance: parameters | uniform | type:BlockPipe
     offload: str = "none"                # none | optimizer | all
     zero_init: bool = True               # ZeRO-3: create parameters partitioned (deepspeed.zero.Init)
+    bucket_size: int = 500_000_000       # elements per gradient reduce / parameter all-gather bucket (ZeRO >= 1)
+    prefetch_bucket_size: int = 50_000_000  # ZeRO-3: elements of parameters fetched ahead of their use
     timeout_minutes: float = 30.0        # collective operations time out after this
     stall_timeout_s: float = 900.0       # report a rank whose step has not advanced for this long (0: off)
 
@@ -198,7 +201,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(choices)}")
     positive = ["model.vocab_size", "model.n_layer", "model.n_embd", "model.ctx_len", "model.se_reduction",
                 "data.seq_len", "data.micro_batch_size", "train.max_steps", "train.log_every", "train.keep_last",
-                "parallel.pipeline_stages"]
+                "parallel.pipeline_stages", "parallel.bucket_size", "parallel.prefetch_bucket_size"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be a positive integer, got {OmegaConf.select(cfg, key)}")

@@ -75,8 +75,11 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
                           f"partition the gradients that the pipeline accumulates over its micro-batches")
     zero: Dict = {"stage": stage}
     if stage >= 1:
+        bucket = int(cfg.parallel.bucket_size)
         zero.update(contiguous_gradients=True, overlap_comm=device.type == "cuda",
-                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+                    reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if stage == 3:
+        zero["stage3_prefetch_bucket_size"] = int(cfg.parallel.prefetch_bucket_size)
     if offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     if offload == "all":
@@ -84,7 +87,9 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
     o = cfg.optim
     adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
     if offload == "none" and (device.type != "cuda" or not o.fused_adam):
-        adam["torch_adam"] = True  # FusedAdam is CUDA-only
+        adam["torch_adam"] = True  # DeepSpeed's FusedAdam is CUDA-only and JIT-built
+        if device.type == "cuda":
+            adam["fused"] = True   # torch's own fused CUDA AdamW: one kernel launch per group, no build
     ds = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -115,6 +120,14 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, layout: BatchLayout, d
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    from .model import Block
+    if cfg.parallel.zero_stage == 3 and any(isinstance(m, Block) for m in model.modules()):
+        # ZeRO-3 gathers a module's parameters in hooks around that module's forward. A block runs as
+        # two regions around the WKV op that use its submodules' parameters outside their own forward
+        # (time-mix's mixes and decays), and a compiled region cannot run hooks (each one a graph
+        # break): gather the whole block's parameters when it starts instead (a ZeRO-3 leaf module).
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, [Block])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            config=deepspeed_config(cfg, layout, device),
                                            lr_scheduler=make_scheduler)

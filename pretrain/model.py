@@ -83,8 +83,14 @@ class RRWKVState:
 
 def token_shift(x: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
     """x_{t-1} for each t: (B, T, C); `last` (B, C) is the carried previous input (zeros if None)."""
-    prev = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last[:, None].to(x.dtype)
-    return torch.cat([prev, x[:, :-1]], dim=1)
+    if last is None:
+        return F.pad(x, (0, 0, 1, -1))   # one op: every position moves down one, zeros at t = 0
+    return torch.cat([last[:, None].to(x.dtype), x[:, :-1]], dim=1)
+
+
+def mix(xx: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x * m + xx * (1 - m) as one multiply-add, xx + d * m, where d = x - xx is computed once per shift."""
+    return torch.addcmul(xx, d, m)
 
 
 def segment_means(x: torch.Tensor, carried_sum: Optional[torch.Tensor], phase: int, interval: int):
@@ -97,6 +103,8 @@ def segment_means(x: torch.Tensor, carried_sum: Optional[torch.Tensor], phase: i
     """
     B, T, C = x.shape
     J = num_mediums(phase, T, interval)
+    if phase == 0 and T % interval == 0:  # whole segments (training windows): a reshape, no padding
+        return x.view(B, J, interval, C).mean(2), x.new_zeros(B, C)
     padded = x.new_zeros(B, J * interval, C)
     padded[:, phase:phase + T] = x
     sums = padded.view(B, J, interval, C).sum(2)
@@ -108,6 +116,16 @@ def segment_means(x: torch.Tensor, carried_sum: Optional[torch.Tensor], phase: i
     end = (phase + T) % interval
     running = sums[:, -1] if end != 0 else torch.zeros_like(sums[:, -1])
     return means, running
+
+
+def per_segment(x: torch.Tensor, g: torch.Tensor, phase: int, interval: int) -> torch.Tensor:
+    """x (B, T, C) times the gate of each position's segment, g[:, (phase + t) // interval]; g: (B, >=J, C)."""
+    B, T, C = x.shape
+    if phase == 0 and T % interval == 0:  # whole segments: a broadcast, no gather (nor scatter in backward)
+        J = T // interval
+        return (x.view(B, J, interval, C) * g[:, :J, None]).view(B, T, C)
+    seg = torch.div(torch.arange(T, device=x.device) + phase, interval, rounding_mode="floor")
+    return x * g[:, seg]
 
 
 class Excitation(nn.Module):
@@ -142,23 +160,34 @@ class TimeMix(nn.Module):
 
     def forward(self, x: torch.Tensor, st: Optional[LayerState]):
         """x: (B, T, C) after ln1. Returns (out (B, T, C), new att_x, new wkv state, new att_sum)."""
+        k, v, r, mk, mv, att_sum = self.project(x, st)
+        y, wkv_state = self.wkv(k, v, mk, mv, st)
+        return self.out(r, y), x[:, -1], wkv_state, att_sum
+
+    def project(self, x: torch.Tensor, st: Optional[LayerState]):
+        """Token shift, the three mixes, k/v/r; squeeze and excitation of the segments, their mk/mv.
+        Returns k, v, r (B, T, C), mk, mv (B, J, C) (None at interval 0) and the new att_sum."""
         xx = token_shift(x, None if st is None else st.att_x)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        d = x - xx
+        xk, xv, xr = mix(xx, d, self.time_mix_k), mix(xx, d, self.time_mix_v), mix(xx, d, self.time_mix_r)
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
+        if self.interval == 0:
+            return k, v, r, None, None, None
+        phase = 0 if st is None else st.phase
+        m, att_sum = segment_means(x, None if st is None else st.att_sum, phase, self.interval)
+        me = m * self.excite(m)                          # squeeze, then excite
+        return k, v, r, self.key(me), self.value(me), att_sum  # the tokens' own key/value modules
+
+    def wkv(self, k, v, mk, mv, st: Optional[LayerState]):
+        """The WKV op (CUDA kernel or reference): y (B, T, C) and the new WKV state."""
         wkv_state = None if st is None else st.wkv
-        att_sum = None
         if self.interval > 0:
-            phase = 0 if st is None else st.phase
-            m, att_sum = segment_means(x, None if st is None else st.att_sum, phase, self.interval)
-            me = m * self.excite(m)                      # squeeze, then excite
-            mk, mv = self.key(me), self.value(me)        # the tokens' own key/value modules
-            y, wkv_state = wkv_retro(self.time_decay, self.time_first, k, v,
-                                     self.medium_decay, mk, mv, self.interval, wkv_state)
-        else:
-            y, wkv_state = wkv_retro(self.time_decay, self.time_first, k, v, state=wkv_state)
-        return self.output(torch.sigmoid(r) * y), x[:, -1], wkv_state, att_sum
+            return wkv_retro(self.time_decay, self.time_first, k, v, self.medium_decay, mk, mv, self.interval,
+                             wkv_state)
+        return wkv_retro(self.time_decay, self.time_first, k, v, state=wkv_state)
+
+    def out(self, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.sigmoid(r) * y)
 
 
 class ChannelMix(nn.Module):
@@ -175,27 +204,27 @@ class ChannelMix(nn.Module):
             self.excite = Excitation(C, cfg.se_hidden)
 
     def gates(self, y: torch.Tensor, st: Optional[LayerState]):
-        """Per-token gate g_{j(t)} (B, T, C), the running sum and the gate of the segment in progress."""
+        """Gates of the segments this chunk touches g (B, J+1, C) (g[:, 0]: the segment in progress at
+        its start), the running sum, and the gate of the segment in progress at its end."""
         s = self.interval
         B, T, C = y.shape
         phase = 0 if st is None else st.phase
         c, running = segment_means(y, None if st is None else st.ffn_sum, phase, s)
         g_first = y.new_ones(B, 1, C) if st is None or st.gate is None else st.gate[:, None].to(y.dtype)
         g = torch.cat([g_first, 2 * self.excite(c)], 1)  # g[j+1] from c[j]; (B, J+1, C)
-        seg = torch.div(torch.arange(T, device=y.device) + phase, s, rounding_mode="floor")
         J = c.shape[1]
         gate_next = g[:, J] if (phase + T) % s == 0 else g[:, J - 1]
-        return g[:, seg], running, gate_next
+        return g, running, gate_next
 
     def forward(self, y: torch.Tensor, st: Optional[LayerState]):
         yy = token_shift(y, None if st is None else st.ffn_x)
-        yk = y * self.time_mix_k + yy * (1 - self.time_mix_k)
-        yr = y * self.time_mix_r + yy * (1 - self.time_mix_r)
+        d = y - yy
+        yk, yr = mix(yy, d, self.time_mix_k), mix(yy, d, self.time_mix_r)
         out = torch.sigmoid(self.receptance(yr)) * self.value(torch.square(F.relu(self.key(yk))))
         ffn_sum = gate = None
         if self.interval > 0:
             g, ffn_sum, gate = self.gates(y, st)
-            out = g * out
+            out = per_segment(out, g, 0 if st is None else st.phase, self.interval)
         return out, y[:, -1], ffn_sum, gate
 
 
@@ -209,16 +238,30 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
+        self.compiled = None   # (before_wkv, after_wkv) compiled by pretrain/compile.py, or None: eager
 
     def forward(self, x: torch.Tensor, st: Optional[LayerState] = None):
         """x: (B, T, C) -> (B, T, C) and this layer's new state."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        a, att_x, wkv, att_sum = self.att(self.ln1(x), st)
-        x = x + a
-        f, ffn_x, ffn_sum, gate = self.ffn(self.ln2(x), st)
-        x = x + f
+        before, after = (Block.before_wkv, Block.after_wkv) if self.compiled is None or st is not None \
+            else self.compiled
+        k, v, r, mk, mv, att_x, att_sum = before(self, x, st)
+        y, wkv = self.att.wkv(k, v, mk, mv, st)
+        x, ffn_x, ffn_sum, gate = after(self, x, r, y, st)
         return x, LayerState(att_x, ffn_x, wkv, att_sum, ffn_sum, gate)
+
+    # The block in two regions around the WKV op, so that everything but the kernel can be compiled
+    # (pretrain/compile.py sets `compiled`; with a carried state the block always runs eagerly).
+    def before_wkv(self, x: torch.Tensor, st: Optional[LayerState]):
+        h = self.ln1(x)
+        k, v, r, mk, mv, att_sum = self.att.project(h, st)
+        return k, v, r, mk, mv, h[:, -1], att_sum
+
+    def after_wkv(self, x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, st: Optional[LayerState]):
+        x = x + self.att.out(r, y)
+        f, ffn_x, ffn_sum, gate = self.ffn(self.ln2(x), st)
+        return x + f, ffn_x, ffn_sum, gate
 
 
 class RRWKV(nn.Module):
@@ -285,16 +328,18 @@ def _generator(seed: int, index: int) -> torch.Generator:
 
 
 def _orthogonal_(weight: torch.Tensor, gain: float, gen: torch.Generator) -> None:
-    """Orthogonal init drawn on CPU from `gen`, copied into `weight` (any device/dtype)."""
-    w = torch.empty(weight.shape, dtype=torch.float32)
-    rows, cols = w.shape
+    """Orthogonal init drawn on CPU from `gen` (the same numbers in any layout), factored by QR on the
+    GPU when the process has one (on CPU the QRs of a 7B-14B model take minutes), copied into `weight`
+    (any device/dtype)."""
+    rows, cols = weight.shape
     flat = torch.randn(max(rows, cols), min(rows, cols), generator=gen)
+    if torch.cuda.is_available():
+        flat = flat.cuda()
     q, r = torch.linalg.qr(flat)
     q = q * torch.sign(torch.diagonal(r))[None]
     if rows < cols:
         q = q.T
-    w.copy_(q[:rows, :cols] * gain)
-    weight.copy_(w.to(weight.dtype))
+    weight.copy_((q[:rows, :cols] * gain).to(weight.dtype))
 
 
 def _linear_gain(weight: torch.Tensor) -> float:

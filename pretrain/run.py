@@ -36,7 +36,7 @@ def parse_config(argv: Sequence[str], prog: str) -> DictConfig:
     p.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge several in order")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    args = p.parse_args(list(argv))
+    args = p.parse_intermixed_args(list(argv))   # --config files and key=value overrides in any order
     return load_config(args.config, args.overrides)
 
 
@@ -160,6 +160,7 @@ def build_model(cfg: DictConfig, d: Dist):
                               "without pipeline stages")
         pipe = pipeline_model(model_config(cfg), cfg.parallel.pipeline_stages, cfg.run.seed,
                               cfg.train.activation_checkpointing, cfg.parallel.partition_method, cfg.train.l2wrap)
+        maybe_compile(cfg, pipe, d)
         return pipe, data_parallel_rank(pipe)
     from .model import RRWKV
     weights = read_weights(model_config(cfg), Path(cfg.run.init_from)) if cfg.run.init_from else None
@@ -170,7 +171,17 @@ def build_model(cfg: DictConfig, d: Dist):
         if weights is not None:
             model.load_state_dict(weights, strict=True)
     model.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
+    maybe_compile(cfg, model, d)
     return model, d.rank
+
+
+def maybe_compile(cfg: DictConfig, model, d: Dist) -> None:
+    """model.compile: the blocks' non-kernel parts through torch.compile (compiled at the first step)."""
+    if cfg.model.compile:
+        from .compile import compile_blocks
+        n = compile_blocks(model)
+        say(d, f"model.compile: {n} blocks{' on this stage' if cfg.parallel.pipeline_stages > 1 else ''} run their "
+               f"non-kernel parts compiled (torch {torch.__version__}; compiled during the first step)")
 
 
 def build_partitioned(cfg: DictConfig, d: Dist, weights: Optional[Dict[str, torch.Tensor]] = None):

@@ -1,4 +1,4 @@
-"""The distributed engine on CPU (gloo): ZeRO 1/2/3 and pipeline stages agree with one process, exact
+"""The distributed engine on CPU (gloo): ZeRO 1/2/3, pipeline stages and compiled blocks agree with one process, exact
 resume (pipeline, and a 2-rank checkpoint on 1 rank), kill during a save, SIGTERM, non-finite steps."""
 import json
 import os
@@ -23,6 +23,8 @@ LAYOUTS = {  # name: (ranks, overrides); every one has the global batch of 8 row
     "pipeline_2stages": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
     "pipeline_2stages_recompute": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1",
                                        "train.activation_checkpointing=true"]),
+    "zero3_2ranks_compiled_recompute": (2, ["parallel.zero_stage=3", "model.compile=true",  # blocks as ZeRO-3
+                                            "train.activation_checkpointing=true"]),          # leaf modules
 }
 
 
