@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The WKV kernel (issue #3) on one GPU in one command: its GPU tests, the benchmark table of the
+# current build (scaled + log-space paths) and of the log-space-only build (RRWKV_WKV_EXACT=1),
+# per-kernel profiles of both, and the cold/warm compile times. Everything goes to $OUT/kernel/.
+#
+#   source .whl/activate.sh && OUT=$OUT bash benchmarks/gpu1_kernel.sh        # about 6-8 minutes
+#
+# Steps run in order of importance and each is capped, so that a slow one cannot take the rest of a
+# 10-minute command with it; a step that fails is recorded and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/rrwkv-out}
+R=$OUT/kernel
+mkdir -p "$R"
+export RRWKV_KERNEL_CACHE=${RRWKV_KERNEL_CACHE:-/tmp/rrwkv-kernels}
+PY=${PYTHON:-python3}
+
+step() {   # step NAME SECONDS COMMAND...: run, tee to $R/NAME.txt, record the exit status
+  local name=$1 secs=$2
+  shift 2
+  echo "== $name ($(date -u +%T), at most ${secs}s): $*"
+  timeout "$secs" "$@" > >(tee "$R/$name.txt") 2>&1
+  local rc=$?
+  echo "$name $rc" >> "$R/status.txt"
+  echo "== $name: exit $rc"
+}
+
+: > "$R/status.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$R/gpu.txt" 2>&1
+cat "$R/gpu.txt"
+step tests 240 "$PY" -m pytest -q -m cuda -rs tests/test_wkv_cuda.py
+step bench 120 "$PY" -m kernels.benchmark --rep 30
+step bench_exact 150 env RRWKV_WKV_EXACT=1 "$PY" -m kernels.benchmark --rep 30
+step profile 60 "$PY" -m kernels.benchmark --profile
+step profile_exact 60 env RRWKV_WKV_EXACT=1 "$PY" -m kernels.benchmark --profile
+step compile_times 120 "$PY" -m kernels.benchmark --compile-times --cache-dir "/tmp/rrwkv-kernels-cold-$$"
+cat "$R/status.txt"
