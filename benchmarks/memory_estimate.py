@@ -205,7 +205,11 @@ def estimate(cfg, gpus: int):
         fp32_extra = 0 if prec == "fp32" else 4              # master weights (bf16/fp16 training)
         opt = (8 + fp32_extra) * n                           # Adam m, v (+ master)
         grads32 = 4 * n
-        if stage == 0:
+        if prec == "bf16" and cfg.train.grad_accum_dtype == "bf16" and stage == 1:
+            # accumulated in bf16 (DeepSpeed's ZeRO-1 optimizer, not its BF16 optimizer): the full bf16
+            # gradients, and the fp32 gradients of this rank's partition only
+            weights, grads, opt = w * n, w * n + grads32 / dp, opt / dp
+        elif stage == 0:
             weights, grads = w * n, (w * n if prec != "fp32" else 0) + grads32
         elif stage == 1:
             weights, grads, opt = w * n, (w * n if prec != "fp32" else 0) + grads32, opt / dp

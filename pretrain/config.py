@@ -79,6 +79,8 @@ class TrainSection:
     max_bad_steps: int = 10              # stop after this many non-finite steps in a row (0: never)
     l2wrap: bool = True                  # RWKV-4's logit regularizer
     fp16_initial_scale_power: int = 12   # fp16 dynamic loss scaling starts at 2**this
+    grad_accum_dtype: str = "fp32"       # bf16 training: fp32 | bf16 (gradients accumulated in bf16: half the
+                                         # gradient memory, e.g. ZeRO-1 pipeline stages of a 14B model on 80 GB)
 
 
 @dataclass
@@ -121,6 +123,7 @@ class ExperimentConfig:
 CHOICES = {
     "run.resume": None,  # free-form, checked at resume time
     "train.precision": ("bf16", "fp16", "fp32"),
+    "train.grad_accum_dtype": ("fp32", "bf16"),
     "parallel.offload": ("none", "optimizer", "all"),
     "logging.wandb.mode": ("disabled", "offline", "online"),
     "optim.schedule": ("cosine", "linear", "exponential", "constant"),
@@ -209,6 +212,10 @@ def validate(cfg: DictConfig) -> None:
                 "data.num_workers", "optim.warmup_steps"]:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.grad_accum_dtype == "bf16" and cfg.train.precision != "bf16":
+        raise ConfigError(f"config key 'train.grad_accum_dtype' is 'bf16' but train.precision is "
+                          f"'{cfg.train.precision}': bf16 gradient accumulation is for bf16 training; set "
+                          f"train.precision=bf16 or train.grad_accum_dtype=fp32")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
     if cfg.optim.lr <= 0 or cfg.optim.lr_final < 0:

@@ -103,7 +103,7 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
         "wall_clock_breakdown": False,
     }
     if prec == "bf16":
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}
     return ds
 
 

@@ -151,3 +151,19 @@ def test_pipeline_with_zero2_is_refused(cache_dir, tmp_path):
     p = run(pretrain_cmd(tmp_path / "o", cache_dir, ["parallel.pipeline_stages=2", "parallel.zero_stage=2"], ranks=2))
     assert p.returncode != 0
     assert "parallel.pipeline_stages > 1 works with parallel.zero_stage 0 or 1, not 2" in p.stderr
+
+
+def test_bf16_gradient_accumulation_in_a_pipeline(cache_dir, tmp_path):
+    # train.grad_accum_dtype=bf16 (half the gradient memory of a ZeRO-1 pipeline stage) trains as fp32
+    # accumulation does, within bf16 rounding; and it is refused for fp32 training, in one line.
+    pipe = ["parallel.pipeline_stages=2", "parallel.zero_stage=1", "train.precision=bf16", "train.max_steps=4",
+            "data.micro_batch_size=2"]
+    got = {}
+    for dt in ("fp32", "bf16"):
+        p = run(pretrain_cmd(tmp_path / dt, cache_dir, pipe + [f"train.grad_accum_dtype={dt}"], ranks=2))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        got[dt] = losses(tmp_path / dt)
+    assert sorted(got["bf16"]) == [1, 2, 3, 4] and got["bf16"][4] < got["bf16"][1]
+    assert max(abs(got["bf16"][s] - got["fp32"][s]) for s in got["fp32"]) < 0.05
+    p = run(pretrain_cmd(tmp_path / "bad", cache_dir, ["train.grad_accum_dtype=bf16"]))
+    assert p.returncode == 2 and "train.grad_accum_dtype" in p.stderr and "train.precision=bf16" in p.stderr
