@@ -13,16 +13,6 @@
 #include <stdint.h>
 #include <cuda_pipeline.h>
 
-const char* wkv_dtype_name() {
-#if WKV_DTYPE == 0
-  return "bfloat16";
-#elif WKV_DTYPE == 1
-  return "float16";
-#else
-  return "float32";
-#endif
-}
-
 #define NTHREADS 128
 #define NSCAN 32  // threads per block of the scans (one per channel)
 

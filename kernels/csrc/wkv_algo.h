@@ -68,6 +68,18 @@ inline float ex(float x) { return std::exp(x); }
 inline float dv(float x, float y) { return x / y; }
 #endif
 
+// Defined here, in the one translation unit of each build that holds the kernels (wkv.cu or
+// wkv_host.cpp); the binding (wkv.cpp) names the dtype of its module with it.
+const char* wkv_dtype_name() {
+#if WKV_DTYPE == 0
+  return "bfloat16";
+#elif WKV_DTYPE == 1
+  return "float16";
+#else
+  return "float32";
+#endif
+}
+
 #define U 16      // forward: tokens whose inputs are read together
 #define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
 #define SB 8      // scans: loads of SB steps issued together
@@ -79,6 +91,25 @@ struct Col {
   int stride;
   WKV_DEV float operator()(int i) const { return to_f(p[(size_t)i * stride]); }
 };
+
+// f(t, k_t, v_t, gy_t) for every token t in [t0, t1) in order; the inputs of N tokens are read
+// together ahead of their use (they do not depend on the recurrences). Without HAS_G, gy_t is 0.
+template <int N, bool HAS_G, class F>
+WKV_DEV void each_token(int t0, int t1, Col K, Col V, Col G, F f) {
+  for (int base = t0; base < t1; base += N) {
+    float kb[N], vb[N], gb[N];
+    WKV_UNROLL
+    for (int i = 0; i < N; i++)
+      if (base + i < t1) {
+        kb[i] = K(base + i - t0);
+        vb[i] = V(base + i - t0);
+        gb[i] = HAS_G ? G(base + i - t0) : 0.f;
+      }
+    WKV_UNROLL
+    for (int i = 0; i < N; i++)
+      if (base + i < t1) f(base + i, kb[i], vb[i], gb[i]);
+  }
+}
 
 WKV_DEV float ld_or(const float* p, size_t i, float dflt) { return p ? p[i] : dflt; }
 
@@ -206,15 +237,9 @@ WKV_DEV void fwd_local_exact(const WkvFwdArgs& A, int b, int n, int c, int t0, i
   const WkvGeo& g = A.g;
   const float w = ex(A.td[c]);
   float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
-  for (int base = t0; base < t1; base += U) {
-    float kb[U], vb[U];
-    WKV_UNROLL
-    for (int i = 0; i < U; i++)
-      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
-    WKV_UNROLL
-    for (int i = 0; i < U; i++)
-      if (base + i < t1) dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
-  }
+  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
+    dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+  });
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
   A.loc_a[o] = a; A.loc_b[o] = bb; A.loc_p[o] = cur_p(p, pn, w);
 }
@@ -277,28 +302,18 @@ WKV_DEV void fwd_out_exact(const WkvFwdArgs& A, int b, int n, int c, int t0, int
   float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
   MedCursor M;
   M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
-  for (int base = t0; base < t1; base += U) {
-    float kb[U], vb[U];
-    WKV_UNROLL
-    for (int i = 0; i < U; i++)
-      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
-    WKV_UNROLL
-    for (int i = 0; i < U; i++) {
-      const int t = base + i;
-      if (t < t1) {
-        M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
-        const float pc = cur_p(p, pn, w);
-        const float lu = u + kb[i];
-        const float m = fmaxf(fmaxf(pc, lu), M.mP);
-        const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(M.mP - m);
-        const float num = e1 * a + e2 * vb[i] + em * M.mA;
-        const float den = e1 * bb + e2 + em * M.mB;
-        y[(size_t)t * g.C] = from_f(dv(num, den));
-        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
-        M.pos++;
-      }
-    }
-  }
+  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
+    M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+    const float pc = cur_p(p, pn, w);
+    const float lu = u + k;
+    const float m = fmaxf(fmaxf(pc, lu), M.mP);
+    const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(M.mP - m);
+    const float num = e1 * a + e2 * v + em * M.mA;
+    const float den = e1 * bb + e2 + em * M.mB;
+    y[(size_t)t * g.C] = from_f(dv(num, den));
+    dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+    M.pos++;
+  });
 }
 
 WKV_DEV void fwd_local(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
@@ -313,21 +328,13 @@ WKV_DEV void fwd_local(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1,
   // The running maximum (pr, pn) as the log-space path keeps it: the sums are handed on on its
   // scale, so that the state a run returns is represented exactly as the reference represents it.
   float a = 0.f, bb = 0.f, pr = WKV_NEG, pn = 0.f;
-  for (int base = t0; base < t1; base += U) {
-    float kb[U], vb[U];
-    WKV_UNROLL
-    for (int i = 0; i < U; i++)
-      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
-    WKV_UNROLL
-    for (int i = 0; i < U; i++)
-      if (base + i < t1) {
-        const float x = ex(kb[i] - S.R);
-        a = fmaf(S.ew, a, x * vb[i]);
-        bb = fmaf(S.ew, bb, x);
-        pn += 1.f;
-        if (kb[i] > cur_p(pr, pn, w)) { pr = kb[i]; pn = 0.f; }
-      }
-  }
+  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
+    const float x = ex(k - S.R);
+    a = fmaf(S.ew, a, x * v);
+    bb = fmaf(S.ew, bb, x);
+    pn += 1.f;
+    if (k > cur_p(pr, pn, w)) { pr = k; pn = 0.f; }
+  });
   const float p = cur_p(pr, pn, w), e = ex(S.R - p);     // p <= R; b * e is in [1, t1 - t0]
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
   A.loc_a[o] = a * e; A.loc_b[o] = bb * e; A.loc_p[o] = p;
@@ -350,24 +357,14 @@ WKV_DEV void fwd_out(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, C
   M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
   float mA, mB;
   S.medium(M, mA, mB);
-  for (int base = t0; base < t1; base += U) {
-    float kb[U], vb[U];
-    WKV_UNROLL
-    for (int i = 0; i < U; i++)
-      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); }
-    WKV_UNROLL
-    for (int i = 0; i < U; i++) {
-      const int t = base + i;
-      if (t < t1) {
-        if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-        const float x = ex(kb[i] - S.R), xu = S.eu * x;
-        y[(size_t)t * g.C] = from_f(dv(a + xu * vb[i] + mA, bb + xu + mB));
-        a = fmaf(S.ew, a, x * vb[i]);
-        bb = fmaf(S.ew, bb, x);
-        M.pos++;
-      }
-    }
-  }
+  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
+    if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+    const float x = ex(k - S.R), xu = S.eu * x;
+    y[(size_t)t * g.C] = from_f(dv(a + xu * v + mA, bb + xu + mB));
+    a = fmaf(S.ew, a, x * v);
+    bb = fmaf(S.ew, bb, x);
+    M.pos++;
+  });
 }
 
 // ---------------------------------------------------------------- backward
@@ -383,38 +380,28 @@ WKV_DEV void bwd_local_exact(const WkvBwdArgs& A, int b, int n, int c, int t0, i
   M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
   float ra = 0.f, rb = 0.f, rp = WKV_NEG;   // reverse sum decayed to t0
   float sa = 0.f, sb = 0.f, sp = WKV_NEG;   // segment sum
-  for (int base = t0; base < t1; base += UB) {
-    float kb[UB], vb[UB], gb[UB];
-    WKV_UNROLL
-    for (int i = 0; i < UB; i++)
-      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); gb[i] = G(base + i - t0); }
-    WKV_UNROLL
-    for (int i = 0; i < UB; i++) {
-      const int t = base + i;
-      if (t < t1) {
-        M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
-        const float pc = cur_p(p, pn, w);
-        if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
-          const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
-                              (t - t0) / WKV_SUB) * g.C + c;
-          A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
-        }
-        const TokOut q = tok_out(a, bb, pc, kb[i], vb[i], u, M.mA, M.mB, M.mP);
-        const float gn = dv(gb[i], q.den);
-        lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
-        if (g.s > 0) {
-          lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
-          if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
-            const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
-            A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
-            sa = 0.f; sb = 0.f; sp = WKV_NEG;
-          }
-        }
-        dec_add(a, bb, p, pn, w, 1.f, vb[i], 1.f, kb[i]);
-        M.pos++;
+  each_token<UB, true>(t0, t1, K, V, G, [&](int t, float k, float v, float gy) {
+    M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+    const float pc = cur_p(p, pn, w);
+    if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
+      const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
+                          (t - t0) / WKV_SUB) * g.C + c;
+      A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
+    }
+    const TokOut q = tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP);
+    const float gn = dv(gy, q.den);
+    lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
+    if (g.s > 0) {
+      lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
+      if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+        const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
+        A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+        sa = 0.f; sb = 0.f; sp = WKV_NEG;
       }
     }
-  }
+    dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+    M.pos++;
+  });
   A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = rp;
   if (g.s > WKV_CH) {
     const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
@@ -440,43 +427,33 @@ WKV_DEV void bwd_local(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1,
   S.medium(M, mA, mB);
   float ra = 0.f, rb = 0.f, dcy = 1.f;      // reverse sum decayed to t0 (dcy = e^{-(t - t0) w})
   float sa = 0.f, sb = 0.f;                 // segment sum
-  for (int base = t0; base < t1; base += UB) {
-    float kb[UB], vb[UB], gb[UB];
-    WKV_UNROLL
-    for (int i = 0; i < UB; i++)
-      if (base + i < t1) { kb[i] = K(base + i - t0); vb[i] = V(base + i - t0); gb[i] = G(base + i - t0); }
-    WKV_UNROLL
-    for (int i = 0; i < UB; i++) {
-      const int t = base + i;
-      if (t < t1) {
-        if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-        if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
-          const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
-                              (t - t0) / WKV_SUB) * g.C + c;
-          A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = S.R;
-        }
-        const float x = ex(kb[i] - S.R), xu = S.eu * x;
-        const float den = bb + xu + mB;
-        const float y = dv(a + xu * vb[i] + mA, den);
-        const float gn = dv(gb[i], den);
-        ra = fmaf(dcy, gn, ra);
-        rb = fmaf(-dcy * gn, y, rb);
-        dcy *= S.ew;
-        if (g.s > 0) {
-          sa += gn;
-          sb = fmaf(-gn, y, sb);
-          if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
-            const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
-            A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = -S.R;
-            sa = 0.f; sb = 0.f;
-          }
-        }
-        a = fmaf(S.ew, a, x * vb[i]);
-        bb = fmaf(S.ew, bb, x);
-        M.pos++;
+  each_token<UB, true>(t0, t1, K, V, G, [&](int t, float k, float v, float gy) {
+    if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+    if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
+      const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
+                          (t - t0) / WKV_SUB) * g.C + c;
+      A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = S.R;
+    }
+    const float x = ex(k - S.R), xu = S.eu * x;
+    const float den = bb + xu + mB;
+    const float y = dv(a + xu * v + mA, den);
+    const float gn = dv(gy, den);
+    ra = fmaf(dcy, gn, ra);
+    rb = fmaf(-dcy * gn, y, rb);
+    dcy *= S.ew;
+    if (g.s > 0) {
+      sa += gn;
+      sb = fmaf(-gn, y, sb);
+      if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+        const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
+        A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = -S.R;
+        sa = 0.f; sb = 0.f;
       }
     }
-  }
+    a = fmaf(S.ew, a, x * v);
+    bb = fmaf(S.ew, bb, x);
+    M.pos++;
+  });
   A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = -S.R;
   if (g.s > WKV_CH) {
     const size_t os = ((size_t)b * g.npiece + n) * g.C + c;

@@ -5,16 +5,6 @@
 #include <ATen/Parallel.h>
 #include "wkv_algo.h"
 
-const char* wkv_dtype_name() {
-#if WKV_DTYPE == 0
-  return "bfloat16";
-#elif WKV_DTYPE == 1
-  return "float16";
-#else
-  return "float32";
-#endif
-}
-
 namespace {
 
 // The inputs of channel c of batch row b from token t0 on, in the (B, T, C) tensor itself.
