@@ -64,6 +64,11 @@ def set_cache_dir(path: Optional[str]) -> None:
     _cache_dir_override = None if path in (None, "") else str(path)
 
 
+def cache_settings() -> tuple:
+    """What cache_root() depends on, cheap to read on every call (a key for loaded modules)."""
+    return _cache_dir_override, os.environ.get("RRWKV_KERNEL_CACHE")
+
+
 def cache_root(cache_dir: Optional[str] = None) -> Path:
     for cand in (cache_dir, _cache_dir_override, os.environ.get("RRWKV_KERNEL_CACHE")):
         if cand:

@@ -9,7 +9,6 @@ Inputs: float32, bfloat16, float16 (arithmetic in float32); float64 CUDA inputs 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -27,8 +26,7 @@ _ext_by_key = {}
 
 
 def _ext(dtype: torch.dtype, device: torch.device):
-    # (the cache settings themselves, not cache_root()'s Path: this runs on every call)
-    key = (dtype, device.type, device.index, build._cache_dir_override, os.environ.get("RRWKV_KERNEL_CACHE"))
+    key = (dtype, device.type, device.index, build.cache_settings())   # runs on every call: no Path
     ext = _ext_by_key.get(key)
     if ext is None:
         if device.type == "cpu":       # the kernels' arithmetic built for the CPU (tests)
