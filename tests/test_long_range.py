@@ -101,6 +101,7 @@ def test_run_sh_refuses_bad_input(tmp_path):
     assert "no study config" in one_error_line(run_sh(["base"], env))
     assert "SEED must be" in one_error_line(run_sh(["rwkv4", "12x"], env))
     assert "DEVICE is auto or cpu" in one_error_line(run_sh(["rwkv4"], {**env, "DEVICE": "tpu"}))
+    assert "SHARED_GPU must be a whole number" in one_error_line(run_sh(["rwkv4"], {**env, "SHARED_GPU": "two"}))
     assert "lacks train.jsonl.xz" in one_error_line(
         run_sh(["rwkv4"], {**env, "DEVICE": "cpu", "CORPUS": str(tmp_path / "none"), "RESULTS_DIR": str(tmp_path)}))
 
@@ -133,7 +134,7 @@ def test_run_sh_tiny_cpu_then_report(tmp_path):
     env = {"DEVICE": "cpu", "CORPUS": str(corpus), "STUDY_DATA": str(tmp_path / "data"),
            "RUNS_DIR": str(tmp_path / "runs"), "RESULTS_DIR": str(results), "STEPS": "6", "TASK_SAMPLES": "1",
            "PASSKEY_DISTANCES": "48,96", "RECALL_DISTANCES": "16,96", "BUCKETS": "0,64,256", "EVAL_MAX_DOCS": "2",
-           "EVAL_BATCH": "2"}
+           "EVAL_BATCH": "2", "SHARED_GPU": "2"}
     p = run_sh(["rrwkv-s32", "7", *TINY], env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads((results / "rrwkv-s32-seed7.json").read_text())
@@ -143,6 +144,7 @@ def test_run_sh_tiny_cpu_then_report(tmp_path):
     assert t["complete"] and t["steps_done"] == 6 and t["tokens"] == 6 * 2 * 64 and t["exit_status"] == 0
     assert t["tokens_per_s_median"] > 0 and len(t["curve"]) == 4 and t["val_curve"][-1][0] == 6
     assert {"data", "train", "export", "eval", "total"} <= set(r["wall_s"])
+    assert r["shared_gpu"] == 2
     ev = r["eval"]
     assert ev["documents"] == 2 and [b["bucket"] for b in ev["loss_by_position"]][0] == "0-64"
     assert [row["distance"] for row in ev["tasks"]["passkey"]] == [48, 96]
@@ -154,7 +156,12 @@ def test_run_sh_tiny_cpu_then_report(tmp_path):
     doc = make_doc(tmp_path / "doc.md")
     p = report(results, doc)
     assert p.returncode == 0, p.stderr
-    assert "| RRWKV s=32 | 32 |" in doc.read_text()
+    text = doc.read_text()
+    assert "| RRWKV s=32 | 32 |" in text
+    # it shared the GPU: no tokens/s or wall times in the comparison, and a note that says why
+    row = next(ln for ln in text.splitlines() if ln.startswith("| RRWKV s=32 | 32 |")).split(" | ")
+    assert row[5] == "–" and row[7] == "–" and row[8] == "– |", row
+    assert "ran on a GPU shared by 2 runs" in text
 
 
 def load_corpus_module():

@@ -127,6 +127,12 @@ def notes(runs: Dict[str, List[dict]]) -> List[str]:
             out.append(f"- {label(r['name'])} seed {r['seed']} stopped at step {t['steps_done']} of "
                        f"{t['steps_planned']} (training exit status {t.get('exit_status')}; 75: the time guard): "
                        "run its command again to finish it.")
+        if t.get("starts", 1) > 1 and t.get("complete", True):
+            out.append(f"- {label(r['name'])} seed {r['seed']} trained in {t['starts']} starts (the time guard stopped "
+                       "it and the same command continued it from its checkpoint): its train seconds are left out.")
+        if r.get("shared_gpu", 1) > 1:
+            out.append(f"- {label(r['name'])} seed {r['seed']} ran on a GPU shared by {r['shared_gpu']} runs: its "
+                       "tokens/s and wall times are left out (shown as –); its losses and accuracies stand.")
         if r.get("eval") is None:
             code = r.get("eval_exit_status")
             out.append(f"- {label(r['name'])} seed {r['seed']} has no evaluation report"
@@ -152,11 +158,15 @@ def markdown(runs: Dict[str, List[dict]], plots: Dict[str, Path], doc_dir: Path,
     rows = []
     for name, rs in runs.items():
         r0 = rs[0]
-        wall = [r.get("wall_s", {}) for r in rs]
+        alone = [r.get("shared_gpu", 1) == 1 for r in rs]    # runs that shared the GPU are not timed
+        # the wall time of training only when it ran in one start (a resumed run's covers the last start)
+        wall = [{**r.get("wall_s", {}), **({} if r["train"].get("starts", 1) == 1 else {"train": None})}
+                if a else {} for r, a in zip(rs, alone)]
         rows.append([label(name), str(r0["model_config"]["medium_interval"]), f"{r0['params'] / 1e6:.2f}M",
                      ", ".join(str(r["seed"]) for r in rs),
                      f"{r0['train']['steps_done']} ({count(r0['train']['tokens'])})",
-                     cell([r["train"].get("tokens_per_s_median") for r in rs], "{:,.0f}"),
+                     cell([r["train"].get("tokens_per_s_median") if a else None for r, a in zip(rs, alone)],
+                          "{:,.0f}"),
                      cell([r["train"]["final_train_loss"] for r in rs]),
                      cell([w.get("train") for w in wall], "{:.0f}"), cell([w.get("eval") for w in wall], "{:.0f}")])
     lines += table(["run", "s", "parameters", "seeds", "steps (tokens)", "train tokens/s (median)",

@@ -16,6 +16,8 @@
 #                         continues it from the checkpoint (runs/ survives on a warm machine)
 #   EVAL_RESERVE_S=110    seconds kept for export, evaluation and the summary
 #   DEVICE=auto           auto | cpu (cpu: fp32, a pilot)
+#   SHARED_GPU=1          how many runs share the GPU (several run.sh at once): recorded in the result file;
+#                         the report then leaves the run out of the tokens/s and wall-time comparison
 #   CORPUS=.study  STUDY_DATA=/tmp/rrwkv-study-data  RUNS_DIR=runs/study
 #   RESULTS_DIR           default $OUT/long_range when $OUT is set, else $RUNS_DIR/results
 #   TASK_SAMPLES=20 EVAL_BATCH=16 EVAL_MAX_TOKENS= (all) EVAL_MAX_DOCS= (all) BUCKETS=0,256,1024,4096,16384
@@ -40,11 +42,11 @@ fi
 for ov in "$@"; do [[ "$ov" == *=* ]] || die "extra arguments are key=value overrides, got '$ov'"; done
 
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-}; BUDGET_S=${BUDGET_S:-510}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-110}
+STEPS=${STEPS:-}; BUDGET_S=${BUDGET_S:-510}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-110}; SHARED_GPU=${SHARED_GPU:-1}
 DEVICE=${DEVICE:-auto}; CORPUS=${CORPUS:-.study}; STUDY_DATA=${STUDY_DATA:-/tmp/rrwkv-study-data}
 RUNS_DIR=${RUNS_DIR:-runs/study}
 if [ -n "${OUT:-}" ]; then RESULTS_DIR=${RESULTS_DIR:-$OUT/long_range}; else RESULTS_DIR=${RESULTS_DIR:-$RUNS_DIR/results}; fi
-for v in BUDGET_S EVAL_RESERVE_S ${STEPS:+STEPS}; do [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"; done
+for v in BUDGET_S EVAL_RESERVE_S SHARED_GPU ${STEPS:+STEPS}; do [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"; done
 case "$DEVICE" in auto|cpu) ;; *) die "DEVICE is auto or cpu, got '$DEVICE'";; esac
 
 TAG=$NAME; [ "$SEED" = 1234 ] || TAG=$NAME-seed$SEED
@@ -120,7 +122,7 @@ T_EVAL=$(now)
 # 5. the result file
 "$PY" benchmarks/long_range/summarize.py --name "$NAME" --seed "$SEED" --run-dir "$RUN" \
   --output "$RESULTS_DIR/$TAG.json" --eval "$RUN/eval.json" --train-exit "$TRAIN_RC" --eval-exit "$EVAL_RC" \
-  --corpus "$CORPUS" --overrides "${EXTRA[*]} $*" "${PILOT[@]}" \
+  --corpus "$CORPUS" --shared-gpu "$SHARED_GPU" --overrides "${EXTRA[*]} $*" "${PILOT[@]}" \
   --timing data="$T_DATA" train="$(python3 -c "print($T_TRAIN - $T_DATA)")" \
            export="$(python3 -c "print($T_EXPORT - $T_TRAIN)")" eval="$(python3 -c "print($T_EVAL - $T_EXPORT)")" \
            total="$(now)"

@@ -139,6 +139,8 @@ def main(argv) -> int:
     p.add_argument("--pilot", action="store_true", help="a pilot of the scripts (CPU / changed model), not the study")
     p.add_argument("--overrides", default="", help="the extra key=value overrides the run was given")
     p.add_argument("--corpus", default=None)
+    p.add_argument("--shared-gpu", type=int, default=1,
+                   help="how many study runs shared the GPU (their tokens/s and wall times are not comparable)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     report = None
@@ -155,7 +157,7 @@ def main(argv) -> int:
         **model, **device_info(run_dir), "corpus": corpus_info(Path(args.corpus) if args.corpus else None),
         "train": {**training_summary(run_dir, model["max_steps"], model["global_batch_size"] * model["seq_len"]),
                   "exit_status": args.train_exit},
-        "wall_s": parse_timing(args.timing),
+        "wall_s": parse_timing(args.timing), "shared_gpu": args.shared_gpu,
         "eval": report, "eval_exit_status": args.eval_exit,
     }
     out = Path(args.output)
