@@ -33,6 +33,7 @@ from pretrain import run as R  # noqa: E402
 from pretrain.baseline import SDPATransformer, TransformerBlock  # noqa: E402
 from pretrain.engine import batch_layout, build_engine, is_pipeline, lm_loss  # noqa: E402
 from pretrain.metrics import count_params, device_peak, flops_per_token  # noqa: E402
+from pretrain.profiling import profile_table  # noqa: E402
 
 
 def measured_matmul_peak(device: torch.device) -> float:
@@ -168,6 +169,9 @@ def main(argv):
     p.add_argument("--also-compiled", action="store_true",
                    help="time each model eager, then with its blocks compiled, in this one run (model.compile=false)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step of each model (torch.profiler): its top "
+                        "device kernels and host-side calls, printed and kept in the JSON")
     args, rest = p.parse_known_args(argv)
     if min(args.steps, args.phase_steps) < 1 or args.warmup < 0:
         raise R.UserError("--steps and --phase-steps must be >= 1 and --warmup >= 0")
@@ -196,8 +200,9 @@ def main(argv):
 
     def measure(engine, name, flops, params):
         """Warmup, timed steps and phase steps of one model as it is now (eager or compiled)."""
-        if dist.device.type == "cuda":
+        if dist.device.type == "cuda":    # peaks and retries of this model's steps only
             torch.cuda.reset_peak_memory_stats(dist.device)
+            torch.cuda.reset_accumulated_memory_stats(dist.device)
         busy = instrument_pipeline(engine, sync) if is_pipeline(engine) else None
         l2 = cfg.train.l2wrap and name.startswith("rrwkv")
         t0 = time.perf_counter()
@@ -207,11 +212,24 @@ def main(argv):
         ph = time_steps(engine, batches, args.phase_steps, dist.device, l2, phases=True, busy=busy)
         tps = step_tokens / t["step"]
         per_dev = tps * flops / dist.world_size
-        mem = gather(R.memory_stats(dist.device).get("mem_gb"))
+        stats = gather(R.memory_stats(dist.device))
+        mem = [m.get("mem_gb") for m in stats]
         r = {"params": params, "tokens_per_s": tps, "tflops_per_device": per_dev / 1e12,
              "mfu": per_dev / peak, "mfu_vs_measured_matmul": per_dev / matmul, "flops_per_token": flops,
              "step_s": t["step"], "warmup_s": warmup_s, "seconds": ph, "mem_gb": max(x or 0 for x in mem),
-             "mem_gb_per_rank": mem}
+             "mem_gb_per_rank": mem, "param_tensors": sum(1 for _ in engine.module.parameters()),
+             "param_groups": len(engine.optimizer.param_groups)}
+        if dist.device.type == "cuda":   # the allocator's view: reserved peak, and retries (cache flushes)
+            r["mem_reserved_gb_per_rank"] = [m["mem_reserved_gb"] for m in stats]
+            r["alloc_retries_per_rank"] = [m["alloc_retries"] for m in stats]
+            if max(r["alloc_retries_per_rank"]):
+                say_main(dist, f"warning: {name}: the CUDA caching allocator ran out of free blocks "
+                               f"{max(r['alloc_retries_per_rank'])} times (each a cache flush and a device "
+                               "synchronization): its times are slowed by a full or fragmented card")
+        if args.profile:
+            lines = profile_table(lambda: time_steps(engine, batches, 1, dist.device, l2, phases=False), top=15)
+            r["profile"] = lines
+            say_main(dist, f"profile of one {name} step (rank 0):\n" + "\n".join(lines))
         if cfg.train.activation_checkpointing:   # the recomputed forward: 8N instead of 6N per token
             r["hfu"] = r["mfu"] * 8 / 6
         if busy is not None:

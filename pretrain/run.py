@@ -279,8 +279,15 @@ def mark_done(out_dir: Path, d: Dist) -> None:
 
 
 def memory_stats(device: torch.device) -> Dict[str, float]:
+    """Peak memory: on a GPU the peak allocated (`mem_gb`) and reserved (`mem_reserved_gb`) by the
+    caching allocator, and `alloc_retries`, how often it found no free block, freed its cache (a
+    device synchronization) and tried again: above 0 the card is full or fragmented and steps slow
+    down (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or a smaller micro-batch help).
+    On a CPU the process's peak resident memory."""
     if device.type == "cuda":
-        return {"mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+        return {"mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2 ** 30,
+                "alloc_retries": int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))}
     try:
         import resource
         return {"mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}

@@ -8,7 +8,8 @@ from tests.runs import ROOT, SMALL, free_port, run
 
 def test_benchmark_times_rrwkv_and_an_equal_parameter_transformer(tmp_path):
     out = tmp_path / "bench.json"
-    p = run([sys.executable, str(ROOT / "launch/benchmark.py"), "--steps", "2", "--warmup", "1", "--json", str(out),
+    p = run([sys.executable, str(ROOT / "launch/benchmark.py"), "--steps", "2", "--warmup", "1", "--profile",
+             "--json", str(out),
              "--config", str(ROOT / "configs/tiny.yaml"), *SMALL, "model.n_embd=128"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "RRWKV / SDPA tokens/s" in p.stdout and "sdpa_transformer" in p.stdout
@@ -20,6 +21,16 @@ def test_benchmark_times_rrwkv_and_an_equal_parameter_transformer(tmp_path):
         s = m["seconds"]                                        # means of the synchronized phase steps
         assert s["step"] >= s["forward"] + s["backward"] + s["optimizer"] > 0
     assert res["setup"]["seq_len"] == 64 and res["setup"]["global_batch"] == 8
+    # what the engine handles per step: RRWKV's many small tensors and its learning-rate groups (x1;
+    # time_decay and medium_decay x2; time_first x3; no weight decay here) against the transformer's one
+    assert r["param_groups"] == 3 and t["param_groups"] == 1
+    assert r["param_tensors"] > t["param_tensors"] > 0
+    assert "alloc_retries_per_rank" not in r                    # a GPU-only figure
+    # --profile: one more step of each model under torch.profiler, printed and kept
+    for m, name in ((r, "rrwkv"), (t, "sdpa_transformer")):
+        assert m["profile"][0].startswith("  wall ") and "top host-side calls" in m["profile"][1]
+        assert any("aten::mm" in ln for ln in m["profile"]), m["profile"]
+        assert f"profile of one {name} step (rank 0):" in p.stdout
 
 
 def test_benchmark_reports_the_pipeline_bubble(tmp_path):
