@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The WKV kernel (issue #3) on one GPU in one command: its GPU tests, the benchmark table of the
-# current build (scaled + log-space paths) and of the log-space-only build (RRWKV_WKV_EXACT=1),
-# per-kernel profiles of both, and the cold/warm compile times. Everything goes to $OUT/kernel/.
+# The WKV kernel (issue #3) on one GPU in one command: its GPU tests, the benchmark table, per-kernel
+# profiles and the cold/warm compile times. Everything goes to $OUT/kernel/.
 #
-#   source .whl/activate.sh && OUT=$OUT bash benchmarks/gpu1_kernel.sh        # about 6-8 minutes
+#   source .whl/activate.sh && OUT=$OUT bash benchmarks/gpu1_kernel.sh        # about 4-5 minutes
+#
+# A/B against another version of the kernel's sources, in the same run on the same card (METHOD.md):
+# here, before the device call, `mkdir -p .kbase && git archive main kernels/csrc | tar -x -C .kbase`
+# (git ignores .kbase/: carry it), then on the device
+#   source .whl/activate.sh && BASELINE_CSRC=.kbase/kernels/csrc OUT=$OUT bash benchmarks/gpu1_kernel.sh
+# adds the baseline's rows and the ratio of the kernel times to the table.
 #
 # Steps run in order of importance and each is capped, so that a slow one cannot take the rest of a
 # 10-minute command with it; a step that fails is recorded and the next one still runs.
@@ -29,9 +34,7 @@ step() {   # step NAME SECONDS COMMAND...: run, tee to $R/NAME.txt, record the e
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$R/gpu.txt" 2>&1
 cat "$R/gpu.txt"
 step tests 240 "$PY" -m pytest -q -m cuda -rs tests/test_wkv_cuda.py
-step bench 120 "$PY" -m kernels.benchmark --rep 30
-step bench_exact 150 env RRWKV_WKV_EXACT=1 "$PY" -m kernels.benchmark --rep 30
+step bench 200 "$PY" -m kernels.benchmark --rep 30 ${BASELINE_CSRC:+--baseline-csrc "$BASELINE_CSRC"}
 step profile 60 "$PY" -m kernels.benchmark --profile
-step profile_exact 60 env RRWKV_WKV_EXACT=1 "$PY" -m kernels.benchmark --profile
 step compile_times 120 "$PY" -m kernels.benchmark --compile-times --cache-dir "/tmp/rrwkv-kernels-cold-$$"
 cat "$R/status.txt"

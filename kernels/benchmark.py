@@ -2,6 +2,7 @@
 
     python -m kernels.benchmark [--dtype bf16] [--interval 64] [--shapes 8x1024x2048,4x4096x2048,1x16384x2048]
     python -m kernels.benchmark --compile-times      # cold compile and warm load, in fresh processes
+    python -m kernels.benchmark --baseline-csrc DIR  # and the kernel of another version of the sources (A/B)
 
 Rows: this kernel with mediums (interval 64) and without (interval 0); flash-linear-attention's
 fused_recurrent_rwkv4 when `fla` is importable; the pure-PyTorch reference on GPU tensors; PyTorch
@@ -134,7 +135,27 @@ def fla_step():
     return step, ""
 
 
-def bench(shapes, dtype, interval, rep):
+class use_csrc:
+    """Within: kernels.wkv_retro runs the build of the sources in `folder` (RRWKV_WKV_CSRC), e.g. the
+    baseline of an A/B comparison; None: no change."""
+
+    def __init__(self, folder):
+        self.folder, self.old = folder, None
+
+    def __enter__(self):
+        if self.folder:
+            self.old = os.environ.get("RRWKV_WKV_CSRC")
+            os.environ["RRWKV_WKV_CSRC"] = str(self.folder)
+
+    def __exit__(self, *exc):
+        if self.folder:
+            if self.old is None:
+                os.environ.pop("RRWKV_WKV_CSRC", None)
+            else:
+                os.environ["RRWKV_WKV_CSRC"] = self.old
+
+
+def bench(shapes, dtype, interval, rep, baseline=None):
     from kernels import wkv_retro
     from kernels.reference import wkv_retro_reference
     dev = torch.cuda.get_device_name()
@@ -148,6 +169,13 @@ def bench(shapes, dtype, interval, rep):
         sets_m = wkv_inputs(B, T, C, interval, dtype, n_sets)
         res["kernel, mediums (s=%d)" % interval] = time_fn(wkv_step(interval, wkv_retro), sets_m, rep=rep)
         res["  its CUDA kernels only (profiler)"] = own_kernel_ms(wkv_step(interval, wkv_retro), sets_m)
+        if baseline:     # the same rows for the baseline sources, on the same inputs, in this process
+            with use_csrc(baseline):
+                res["baseline sources, mediums (s=%d)" % interval] = time_fn(wkv_step(interval, wkv_retro), sets_m,
+                                                                           rep=rep)
+                res["  baseline's CUDA kernels only (profiler)"] = own_kernel_ms(wkv_step(interval, wkv_retro), sets_m)
+            res["  ratio of CUDA kernel times, this / baseline"] = (res["  its CUDA kernels only (profiler)"] /
+                                                                    res["  baseline's CUDA kernels only (profiler)"])
         del sets_m
         sets_w = wkv_inputs(B, T, C, interval, dtype, n_sets, wide_keys=True)
         res["kernel, mediums, keys in [-30, 30]"] = time_fn(wkv_step(interval, wkv_retro), sets_w, rep=rep)
@@ -179,7 +207,8 @@ def bench(shapes, dtype, interval, rep):
         rows.append(((B, T, C), res))
     date = datetime.date.today().isoformat()
     print(f"\nWKV fwd+bwd, {str(dtype).replace('torch.', '')}, median ms; card: {dev}; date: {date}; "
-          f"copy bandwidth {bw:.0f} GB/s; torch {torch.__version__}")
+          f"copy bandwidth {bw:.0f} GB/s; torch {torch.__version__}"
+          + (f"; baseline sources: {baseline}" if baseline else ""))
     names = list(rows[0][1])
     head = "| " + " | ".join(["what"] + [f"({B},{T},{C})" for (B, T, C), _ in rows]) + " |"
     print(head)
@@ -256,6 +285,10 @@ def main(argv=None):
     ap.add_argument("--compile-times", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel device times instead of the table")
     ap.add_argument("--cache-dir", default=None, help="with --compile-times: cache to fill (empty or new)")
+    ap.add_argument("--baseline-csrc", default=None, metavar="DIR",
+                    help="also time the kernel built from another version of kernels/csrc (e.g. "
+                         "`git archive main kernels/csrc | tar -x -C /tmp/base`, then /tmp/base/kernels/csrc) on the "
+                         "same inputs in the same run, and the ratio of the two kernels' times")
     a = ap.parse_args(argv)
     if a.compile_times:
         compile_times(a.dtype, a.cache_dir)
@@ -264,7 +297,14 @@ def main(argv=None):
     if a.profile:
         profile(shapes, DTYPES[a.dtype], a.interval)
         return
-    bench(shapes, DTYPES[a.dtype], a.interval, a.rep)
+    if a.baseline_csrc:
+        from kernels import build
+        try:
+            with use_csrc(a.baseline_csrc):
+                build.csrc_dir(build.WKV_SOURCES + build.WKV_HEADERS)   # a bad folder: one error, before timing
+        except build.KernelBuildError as e:
+            raise SystemExit(f"error: {e}")
+    bench(shapes, DTYPES[a.dtype], a.interval, a.rep, a.baseline_csrc)
 
 
 if __name__ == "__main__":

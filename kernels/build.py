@@ -65,8 +65,24 @@ def set_cache_dir(path: Optional[str]) -> None:
 
 
 def cache_settings() -> tuple:
-    """What cache_root() depends on, cheap to read on every call (a key for loaded modules)."""
-    return _cache_dir_override, os.environ.get("RRWKV_KERNEL_CACHE")
+    """What the loaded module depends on besides dtype and device, cheap to read on every call (a key
+    for loaded modules): the cache directory, and the source folder (RRWKV_WKV_CSRC)."""
+    return _cache_dir_override, os.environ.get("RRWKV_KERNEL_CACHE"), os.environ.get("RRWKV_WKV_CSRC")
+
+
+def csrc_dir(sources: Iterable[str]) -> Path:
+    """The kernel's source folder: kernels/csrc, or RRWKV_WKV_CSRC (another version of the same files,
+    e.g. the baseline of an A/B benchmark in one process: each version is its own cached build)."""
+    other = os.environ.get("RRWKV_WKV_CSRC")
+    if not other:
+        return CSRC
+    d = Path(other).expanduser()
+    missing = [f for f in sources if not (d / f).is_file()]
+    if missing:
+        raise KernelBuildError(f"rrwkv: RRWKV_WKV_CSRC={other} lacks {', '.join(missing)}: point it at a copy of "
+                               f"kernels/csrc (e.g. git archive REV kernels/csrc | tar -x -C DIR; then DIR/kernels/csrc) "
+                               f"or unset it")
+    return d.resolve()
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
@@ -345,7 +361,8 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
     if dtype not in DTYPE_IDS:
         raise KernelBuildError(f"rrwkv: the WKV CUDA kernel has no build for dtype {dtype}")
     arch = arch_of_current_device()
-    files = [CSRC / f for f in WKV_SOURCES + WKV_HEADERS]
+    src = csrc_dir(WKV_SOURCES + WKV_HEADERS)
+    files = [src / f for f in WKV_SOURCES + WKV_HEADERS]
     cuda_flags = ["-O3", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                   "-Xptxas=-O3"] + exact_flag()
     if dtype != torch.float32:
@@ -364,7 +381,7 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
         old = os.environ.get("TORCH_CUDA_ARCH_LIST")
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
         try:
-            mod = build_extension(name, [CSRC / f for f in WKV_SOURCES], root, key,
+            mod = build_extension(name, [src / f for f in WKV_SOURCES], root, key,
                                   extra_cflags=cflags, extra_cuda_cflags=cuda_flags, verbose=verbose)
         finally:
             if old is None:
@@ -375,6 +392,17 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
         return mod
 
 
+def host_build_spec(dtype: torch.dtype):
+    """(module name, source folder, key, compiler flags) of the CPU build for `dtype`; the name
+    carries the hash of the sources, so each version of them is its own cached build."""
+    if dtype not in DTYPE_IDS:
+        raise KernelBuildError(f"rrwkv: the WKV kernel has no build for dtype {dtype}")
+    src = csrc_dir(WKV_HOST_SOURCES + WKV_HEADERS)
+    cflags = ["-O2", "-DWKV_HOST", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}"] + exact_flag()
+    key = source_hash([src / f for f in WKV_HOST_SOURCES + WKV_HEADERS], cflags)
+    return f"rrwkv_wkv_host_{DTYPE_NAMES[dtype]}_{key}", src, key, cflags
+
+
 def load_wkv_host_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verbose: bool = False):
     """The kernels' arithmetic (csrc/wkv_algo.h) built for the CPU, for inputs of `dtype`.
 
@@ -382,17 +410,12 @@ def load_wkv_host_extension(dtype: torch.dtype, cache_dir: Optional[str] = None,
     (csrc/wkv_host.cpp): the tests check the kernel's algorithm against the float64 reference on
     machines without a GPU. Needs only the host C++ compiler. Slow: not a training path.
     """
-    if dtype not in DTYPE_IDS:
-        raise KernelBuildError(f"rrwkv: the WKV kernel has no build for dtype {dtype}")
-    files = [CSRC / f for f in WKV_HOST_SOURCES + WKV_HEADERS]
-    cflags = ["-O2", "-DWKV_HOST", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}"] + exact_flag()
-    key = source_hash(files, cflags)
-    name = f"rrwkv_wkv_host_{DTYPE_NAMES[dtype]}_{key}"
+    name, src, key, cflags = host_build_spec(dtype)
     root = cache_root(cache_dir)
     with _load_lock:
         mod = _loaded.get(str(root / name))
         if mod is None:
             mod = _loaded[str(root / name)] = build_extension(
-                name, [CSRC / f for f in WKV_HOST_SOURCES], root, key, extra_cflags=cflags,
+                name, [src / f for f in WKV_HOST_SOURCES], root, key, extra_cflags=cflags,
                 needs_nvcc=False, verbose=verbose)
         return mod

@@ -59,6 +59,28 @@ def test_source_hash_tracks_sources_and_flags(tmp_path):
     assert len(build.source_hash([build.CSRC / s for s in build.WKV_SOURCES + build.WKV_HEADERS])) == 16
 
 
+def test_another_source_folder_is_its_own_build(monkeypatch, tmp_path):
+    """RRWKV_WKV_CSRC (the baseline of an A/B benchmark): another version of the sources gets its own
+    module name and loaded-module key; an incomplete folder is one clear error."""
+    import shutil
+    import torch
+    monkeypatch.delenv("RRWKV_WKV_CSRC", raising=False)
+    name, src, _, _ = build.host_build_spec(torch.float32)
+    assert src == build.CSRC
+    settings = build.cache_settings()
+    copy = tmp_path / "csrc"
+    shutil.copytree(build.CSRC, copy)
+    monkeypatch.setenv("RRWKV_WKV_CSRC", str(copy))
+    assert build.cache_settings() != settings                    # kernels.cuda looks the module up again
+    assert build.host_build_spec(torch.float32)[:2] == (name, copy)   # same sources: the same cached build
+    with open(copy / "wkv_algo.h", "a") as f:
+        f.write("// another version\n")
+    assert build.host_build_spec(torch.float32)[0] != name
+    (copy / "wkv.cpp").unlink()
+    with pytest.raises(build.KernelBuildError, match=r"RRWKV_WKV_CSRC=.* lacks wkv.cpp"):
+        build.host_build_spec(torch.float32)
+
+
 def test_flock_is_released_when_the_holder_is_killed(tmp_path):
     lock = tmp_path / "x.lock"
     p = _py(f"""

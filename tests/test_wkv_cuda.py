@@ -264,3 +264,29 @@ def test_fresh_state_gradient_and_public_dispatch():
     y2, st2 = kc.wkv_retro_cuda(f["td"], f["tf"], f["k"], f["v"], f["md"], f["mk"], f["mv"], s, None)
     assert torch.equal(y1, y2) and st1.phase == st2.phase == (T % s)
     assert y1.dtype == torch.float32 and st1.aa.dtype == torch.float32
+
+
+def test_another_source_version_is_loaded_beside_the_current_one(tmp_path, monkeypatch):
+    """RRWKV_WKV_CSRC switches kernels.cuda to the build of another copy of the sources within one
+    process (what `kernels.benchmark --baseline-csrc` does), and back; here on the CPU build."""
+    import shutil
+    from kernels import build
+    monkeypatch.delenv("RRWKV_WKV_CSRC", raising=False)
+    B, T, C, s = 2, 40, 5, 8
+    td, tf, k, v, md, mk, mv = (torch.randn(*sh, dtype=torch.float32, generator=torch.Generator().manual_seed(i))
+                                for i, sh in enumerate([(C,), (C,), (B, T, C), (B, T, C), (C,),
+                                                        (B, T // s, C), (B, T // s, C)]))
+    y0, _ = kc.wkv_retro_cuda(td, tf, k, v, md, mk, mv, s, None)
+    current = kc._ext(torch.float32, torch.device("cpu"))
+    copy = tmp_path / "csrc"
+    shutil.copytree(build.CSRC, copy)
+    with open(copy / "wkv_algo.h", "a") as f:
+        f.write("// a second version of the sources\n")
+    monkeypatch.setenv("RRWKV_WKV_CSRC", str(copy))
+    y1, _ = kc.wkv_retro_cuda(td, tf, k, v, md, mk, mv, s, None)
+    other = kc._ext(torch.float32, torch.device("cpu"))
+    assert other is not current and other.__name__ != current.__name__
+    assert other.__name__ == build.host_build_spec(torch.float32)[0]
+    assert torch.equal(y0, y1)                                   # the same arithmetic, built twice
+    monkeypatch.delenv("RRWKV_WKV_CSRC")
+    assert kc._ext(torch.float32, torch.device("cpu")) is current
