@@ -36,5 +36,12 @@ cat "$R/gpu.txt"
 step tests 240 "$PY" -m pytest -q -m cuda -rs tests/test_wkv_cuda.py
 step bench 200 "$PY" -m kernels.benchmark --rep 30 ${BASELINE_CSRC:+--baseline-csrc "$BASELINE_CSRC"}
 step profile 60 "$PY" -m kernels.benchmark --profile
+# Hardware counters of the four chunk kernels at (4,4096,2048), second step (the first compiles):
+# speed of light, occupancy, warp stalls, memory traffic. ncu reads counters on the Firecracker
+# machines (the device tool's KINDS.md); the clocks are left alone (its METHOD.md).
+step ncu 150 ncu --clock-control none -k "regex:k_(fwd_local|fwd_out|bwd_local|bwd_out)" --launch-skip 4 \
+  --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+  --section MemoryWorkloadAnalysis --section LaunchStats \
+  "$PY" -m kernels.benchmark --steps-only 2 --shapes 4x4096x2048
 step compile_times 120 "$PY" -m kernels.benchmark --compile-times --cache-dir "/tmp/rrwkv-kernels-cold-$$"
 cat "$R/status.txt"

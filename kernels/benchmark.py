@@ -285,6 +285,9 @@ def main(argv=None):
     ap.add_argument("--compile-times", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel device times instead of the table")
     ap.add_argument("--cache-dir", default=None, help="with --compile-times: cache to fill (empty or new)")
+    ap.add_argument("--steps-only", type=int, default=0, metavar="N",
+                    help="run N forward + backward steps at the first shape and nothing else: a program for a "
+                         "profiler such as ncu (the first step compiles and warms up)")
     ap.add_argument("--baseline-csrc", default=None, metavar="DIR",
                     help="also time the kernel built from another version of kernels/csrc (e.g. "
                          "`git archive main kernels/csrc | tar -x -C /tmp/base`, then /tmp/base/kernels/csrc) on the "
@@ -296,6 +299,14 @@ def main(argv=None):
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     if a.profile:
         profile(shapes, DTYPES[a.dtype], a.interval)
+        return
+    if a.steps_only:
+        from kernels import wkv_retro
+        B, T, C = shapes[0]
+        x = wkv_inputs(B, T, C, a.interval, DTYPES[a.dtype], 1)[0]
+        for _ in range(a.steps_only):
+            wkv_step(a.interval, wkv_retro)(x)
+        torch.cuda.synchronize()
         return
     if a.baseline_csrc:
         from kernels import build
