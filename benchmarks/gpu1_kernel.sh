@@ -2,7 +2,7 @@
 # The WKV kernel (issue #3) on one GPU in one command: its GPU tests, the benchmark table, per-kernel
 # profiles and the cold/warm compile times. Everything goes to $OUT/kernel/.
 #
-#   source .whl/activate.sh && OUT=$OUT bash benchmarks/gpu1_kernel.sh        # about 4-5 minutes
+#   source .whl/activate.sh && OUT=$OUT bash benchmarks/gpu1_kernel.sh        # about 5-7 minutes
 #
 # A/B against another version of the kernel's sources, in the same run on the same card (METHOD.md):
 # here, before the device call, `mkdir -p .kbase && git archive main kernels/csrc | tar -x -C .kbase`

@@ -69,7 +69,8 @@ def main():
         model = make().to(device=dev, dtype=torch.bfloat16).train()
         timed_passes(model, idx, 2)                       # warm-up: kernel build, allocator, autotune
         f, b = timed_passes(model, idx, a.steps)
-        print(f"{name}: forward {f:.2f} ms, backward {b:.2f} ms (backward / forward {b / f:.2f})")
+        print(f"{name}: forward {f:.2f} ms, backward {b:.2f} ms (backward / forward {b / f:.2f})", flush=True)
+
         def step():
             out = model(idx)
             lm_loss(out[0] if isinstance(out, tuple) else out, idx).backward()

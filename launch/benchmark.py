@@ -226,8 +226,11 @@ def main(argv):
                 say_main(dist, f"warning: {name}: the CUDA caching allocator ran out of free blocks "
                                f"{max(r['alloc_retries_per_rank'])} times (each a cache flush and a device "
                                "synchronization): its times are slowed by a full or fragmented card")
-        if args.profile:
-            lines = profile_table(lambda: time_steps(engine, batches, 1, dist.device, l2, phases=False), top=15)
+        if args.profile:   # a diagnostic: if the profiler fails, the figures above still stand
+            try:
+                lines = profile_table(lambda: time_steps(engine, batches, 1, dist.device, l2, phases=False), top=15)
+            except Exception as e:  # noqa: BLE001
+                lines = [f"  profile failed: {type(e).__name__}: {e}"]
             r["profile"] = lines
             say_main(dist, f"profile of one {name} step (rank 0):\n" + "\n".join(lines))
         if cfg.train.activation_checkpointing:   # the recomputed forward: 8N instead of 6N per token
