@@ -31,7 +31,6 @@ for ctx in ${CTX:-4096 16384}; do
     layout=(data.micro_batch_size=1 train.global_batch_size=2 train.activation_checkpointing=true)
   fi
   args=(--config configs/model/1b5.yaml model.ctx_len="$T" data.seq_len="$T" parallel.zero_stage=2 "${layout[@]}")
-  estimate "1b5_ctx$ctx" 1 "${args[@]}" > /dev/null
-  bench "1b5_ctx$ctx" 1 --also-compiled --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" && rc=0
+  measure "1b5_ctx$ctx" 1 --also-compiled --warmup 2 --steps 5 --phase-steps 2 -- "${args[@]}" && rc=0
 done
 exit $rc

@@ -25,11 +25,8 @@ T=$(seqlen 4096)
 off=${OFFLOAD:-optimizer}
 args=(--config configs/model/14b.yaml data.seq_len="$T" parallel.zero_stage=3 parallel.offload="$off"
       model.compile="${COMPILE:-false}" train.global_batch_size=8)
-estimate 14b_zero3_offload "$N" "${args[@]}" data.micro_batch_size=1 > /dev/null
-bench 14b_zero3_offload "$N" --no-sdpa --warmup 1 --steps 3 --phase-steps 1 "${args[@]}" data.micro_batch_size=1 \
-  && exit 0
+opts=(--no-sdpa --warmup 1 --steps 3 --phase-steps 1)
+measure 14b_zero3_offload "$N" "${opts[@]}" -- "${args[@]}" data.micro_batch_size=1 && exit 0
 oom 14b_zero3_offload || exit 1
-estimate 14b_zero3_offload_recompute "$N" "${args[@]}" data.micro_batch_size=2 train.activation_checkpointing=true \
-  > /dev/null
-bench 14b_zero3_offload_recompute "$N" --no-sdpa --warmup 1 --steps 3 --phase-steps 1 "${args[@]}" \
-  data.micro_batch_size=2 train.activation_checkpointing=true
+measure 14b_zero3_offload_recompute "$N" "${opts[@]}" -- "${args[@]}" data.micro_batch_size=2 \
+  train.activation_checkpointing=true

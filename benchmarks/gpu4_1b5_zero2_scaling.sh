@@ -17,11 +17,9 @@ N=$(gpus 4)
 T=$(seqlen 4096)
 args=(--config configs/model/1b5.yaml data.seq_len="$T" data.micro_batch_size=2 parallel.zero_stage=2
       model.compile="${COMPILE:-false}")
-estimate 1b5_zero2_1gpu 1 "${args[@]}" train.global_batch_size=8 > /dev/null
-estimate 1b5_zero2_${N}gpu "$N" "${args[@]}" train.global_batch_size=$((8 * N)) > /dev/null
-bench 1b5_zero2_1gpu 1 --no-sdpa --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" train.global_batch_size=8 || exit 1
-bench 1b5_zero2_${N}gpu "$N" --no-sdpa --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" \
-  train.global_batch_size=$((8 * N)) || exit 1
+opts=(--no-sdpa --warmup 2 --steps 5 --phase-steps 2)
+measure 1b5_zero2_1gpu 1 "${opts[@]}" -- "${args[@]}" train.global_batch_size=8 || exit 1
+measure 1b5_zero2_${N}gpu "$N" "${opts[@]}" -- "${args[@]}" train.global_batch_size=$((8 * N)) || exit 1
 python3 - "$OUT" "$N" <<'PY'
 import json, sys
 out, n = sys.argv[1], int(sys.argv[2])

@@ -23,11 +23,8 @@ N=$(gpus 4)
 T=$(seqlen 4096)
 args=(--config configs/model/7b.yaml data.seq_len="$T" parallel.pipeline_stages="$N" parallel.zero_stage=1
       model.compile="${COMPILE:-false}")
-estimate 7b_pipe4 "$N" "${args[@]}" data.micro_batch_size=1 train.global_batch_size=16
-bench 7b_pipe4 "$N" --no-sdpa --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" data.micro_batch_size=1 \
-  train.global_batch_size=16 && exit 0
+opts=(--no-sdpa --warmup 2 --steps 5 --phase-steps 2)
+measure 7b_pipe4 "$N" "${opts[@]}" -- "${args[@]}" data.micro_batch_size=1 train.global_batch_size=16 && exit 0
 oom 7b_pipe4 || exit 1
-estimate 7b_pipe4_recompute "$N" "${args[@]}" data.micro_batch_size=2 train.global_batch_size=32 \
+measure 7b_pipe4_recompute "$N" "${opts[@]}" -- "${args[@]}" data.micro_batch_size=2 train.global_batch_size=32 \
   train.activation_checkpointing=true
-bench 7b_pipe4_recompute "$N" --no-sdpa --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" data.micro_batch_size=2 \
-  train.global_batch_size=32 train.activation_checkpointing=true

@@ -20,9 +20,7 @@ N=$(gpus 4)
 T=$(seqlen 4096)
 args=(--config configs/model/7b.yaml data.seq_len="$T" parallel.zero_stage=3 model.compile="${COMPILE:-false}"
       train.global_batch_size=16)
-estimate 7b_zero3 "$N" "${args[@]}" data.micro_batch_size=1 > /dev/null
-bench 7b_zero3 "$N" --no-sdpa --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" data.micro_batch_size=1 && exit 0
+opts=(--no-sdpa --warmup 2 --steps 5 --phase-steps 2)
+measure 7b_zero3 "$N" "${opts[@]}" -- "${args[@]}" data.micro_batch_size=1 && exit 0
 oom 7b_zero3 || exit 1
-estimate 7b_zero3_recompute "$N" "${args[@]}" data.micro_batch_size=2 train.activation_checkpointing=true > /dev/null
-bench 7b_zero3_recompute "$N" --no-sdpa --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" data.micro_batch_size=2 \
-  train.activation_checkpointing=true
+measure 7b_zero3_recompute "$N" "${opts[@]}" -- "${args[@]}" data.micro_batch_size=2 train.activation_checkpointing=true

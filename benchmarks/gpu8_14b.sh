@@ -20,17 +20,16 @@ T=$(seqlen 4096)
 layout=${LAYOUT:-both}
 base=(--config configs/model/14b.yaml data.seq_len="$T" data.micro_batch_size=1 model.compile="${COMPILE:-false}"
       train.activation_checkpointing=true)
+opts=(--no-sdpa --warmup 1 --steps 3 --phase-steps 1)
 rc=0
 if [ "$layout" != pipe ]; then
   z3=("${base[@]}" parallel.zero_stage=3 train.global_batch_size=$((2 * N)))
-  estimate 14b_zero3_8gpu "$N" "${z3[@]}" > /dev/null
-  bench 14b_zero3_8gpu "$N" --no-sdpa --warmup 1 --steps 3 --phase-steps 1 "${z3[@]}" || rc=1
+  measure 14b_zero3_8gpu "$N" "${opts[@]}" -- "${z3[@]}" || rc=1
 fi
 if [ "$layout" != zero3 ]; then
   pp=("${base[@]}" parallel.zero_stage=1 parallel.pipeline_stages=2 train.grad_accum_dtype=bf16
       train.global_batch_size=$((4 * N)))
-  estimate 14b_pipe2x4 "$N" "${pp[@]}" > /dev/null
-  bench 14b_pipe2x4 "$N" --no-sdpa --warmup 1 --steps 3 --phase-steps 1 "${pp[@]}" || {
+  measure 14b_pipe2x4 "$N" "${opts[@]}" -- "${pp[@]}" || {
     if oom 14b_pipe2x4; then echo "== 14b_pipe2x4: out of memory"; fi
     rc=1
   }

@@ -20,8 +20,7 @@ for n in 1 2 4 8; do
   n=$(gpus "$n")
   case " ${counts[*]} " in *" $n "*) continue;; esac   # the tiny CPU check caps ranks at 2
   counts+=("$n")
-  estimate "1b5_zero2_${n}gpu" "$n" "${args[@]}" train.global_batch_size=$((8 * n)) > /dev/null
-  bench "1b5_zero2_${n}gpu" "$n" --no-sdpa --warmup 2 --steps 5 --phase-steps 2 "${args[@]}" \
+  measure "1b5_zero2_${n}gpu" "$n" --no-sdpa --warmup 2 --steps 5 --phase-steps 2 -- "${args[@]}" \
     train.global_batch_size=$((8 * n)) || exit 1
 done
 python3 - "$OUT" "${counts[@]}" <<'PY'

@@ -75,6 +75,18 @@ bench() {
   return $rc
 }
 
+# measure NAME NGPU [benchmark.py options...] -- overrides...: the memory plan of a run (estimate, into
+# NAME.estimate.json) and the run itself (bench), both given the same config overrides.
+measure() {
+  local name=$1 n=$2; shift 2
+  local opts=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
+  [ "${1:-}" = -- ] || { echo "measure $name: the config overrides follow a '--'" >&2; return 2; }
+  shift
+  estimate "$name" "$n" "$@" > /dev/null
+  bench "$name" "$n" "${opts[@]}" "$@"
+}
+
 # oom NAME: did run NAME stop for lack of GPU memory?
 oom() {
   grep -qiE "out of memory|OutOfMemoryError" "$OUT/$1.log" 2>/dev/null || \
