@@ -158,15 +158,12 @@ class TimeMix(nn.Module):
             self.medium_decay = nn.Parameter(torch.zeros(C))
             self.excite = Excitation(C, cfg.se_hidden)
 
-    def forward(self, x: torch.Tensor, st: Optional[LayerState]):
-        """x: (B, T, C) after ln1. Returns (out (B, T, C), new att_x, new wkv state, new att_sum)."""
-        k, v, r, mk, mv, att_sum = self.project(x, st)
-        y, wkv_state = self.wkv(k, v, mk, mv, st)
-        return self.out(r, y), x[:, -1], wkv_state, att_sum
-
+    # Time-mix runs in three steps, project -> wkv -> out, which Block calls around the WKV op (so that
+    # the parts around the kernel can be compiled; pretrain/compile.py): it has no forward of its own.
     def project(self, x: torch.Tensor, st: Optional[LayerState]):
-        """Token shift, the three mixes, k/v/r; squeeze and excitation of the segments, their mk/mv.
-        Returns k, v, r (B, T, C), mk, mv (B, J, C) (None at interval 0) and the new att_sum."""
+        """x: (B, T, C) after ln1. Token shift, the three mixes, k/v/r; squeeze and excitation of the
+        segments, their mk/mv. Returns k, v, r (B, T, C), mk, mv (B, J, C) (None at interval 0) and
+        the new att_sum."""
         xx = token_shift(x, None if st is None else st.att_x)
         d = x - xx
         xk, xv, xr = mix(xx, d, self.time_mix_k), mix(xx, d, self.time_mix_v), mix(xx, d, self.time_mix_r)

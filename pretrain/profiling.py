@@ -2,6 +2,7 @@
 the most time (launch/benchmark.py --profile, benchmarks/profile_model.py)."""
 from __future__ import annotations
 
+import time
 from typing import Callable, List, Tuple
 
 import torch
@@ -13,7 +14,6 @@ def profile_table(fn: Callable[[], None], steps: int = 1, top: int = 20, host: b
     busy time (sum of kernel times: below the wall time when the GPU waits on the host), the `top`
     kernels by device time and, with `host`, the `top` host-side calls by their own CPU time
     (synchronizations and allocator calls such as cudaFree or cudaStreamSynchronize show up there)."""
-    import time
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
