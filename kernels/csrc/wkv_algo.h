@@ -185,55 +185,9 @@ struct MedCursor {
   }
 };
 
-// ---------------------------------------------------------------- the scaled path
-// Most stretches of tokens need no running maximum: with one reference R per stretch (at least every
-// exponent in it), every sum is a plain recurrence with the constant factor e^{-w},
-//   A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,   y_t = (A'_t + e^u e^{k_t-R} v_t + MA') / (B'_t + e^u e^{k_t-R} + MB'),
-// one exponential per token and no branch, and the adjoints of the backward likewise. This holds
-// when every token's own term e^{u + k_t - R} stays above e^{-WKV_SPAN}: then no denominator is
-// smaller than that, nothing overflows (every term is at most 1 times the values; an adjoint
-// gy / D at most e^{WKV_SPAN} gy) and nothing that matters underflows (terms decayed below the
-// float range are below it in the log-space path's results too). Stretches with keys spread wider than that (or a carried state far above
-// them) take the log-space path above, exact in every case. A sum on this path is kept as (a', b')
-// with p = R: the same representation (a, b, p) as the log-space path's, so both paths mix freely.
-#define WKV_SPAN 50.f
-
-struct Scale {
-  float R, ew, eu;
-  // Reference of the tokens [i0, i1) of K (tokens t = t0 + i) starting from a state of log scale p,
-  // including the mediums of their segments; false where the stretch needs the log-space path.
-  WKV_DEV bool init(const float* ms_p, const WkvGeo& g, int b, int c, int t, int i0, int i1, Col K,
-                    float p, float w, float u) {
-    float kmin = K(i0), kmax = kmin;
-    for (int i = i0 + 1; i < i1; i++) {
-      const float k = K(i);
-      kmin = fminf(kmin, k);
-      kmax = fmaxf(kmax, k);
-    }
-    R = fmaxf(p, kmax + fmaxf(u, 0.f));
-    if (g.s > 0 && ms_p) {
-      const int r0 = (g.phase + t) / g.s, r1 = (g.phase + t + (i1 - i0) - 1) / g.s;
-      for (int r = r0; r <= r1; r++) R = fmaxf(R, ms_p[((size_t)b * g.J + r) * g.C + c]);
-    }
-    ew = ex(-w);
-    eu = ex(u);
-#ifdef WKV_EXACT
-    return false;                  // a build with the log-space path only (benchmarks, checks)
-#else
-    return R - u - kmin <= WKV_SPAN;
-#endif
-  }
-  // The medium sums of the current segment on this scale.
-  WKV_DEV void medium(const MedCursor& M, float& mA, float& mB) const {
-    const float e = ex(M.mP - R);
-    mA = M.mA * e;
-    mB = M.mB * e;
-  }
-};
-
 // ---------------------------------------------------------------- forward
 // Chunk-local token sums from zero.
-WKV_DEV void fwd_local_exact(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
+WKV_DEV void fwd_local(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
   const WkvGeo& g = A.g;
   const float w = ex(A.td[c]);
   float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
@@ -294,7 +248,7 @@ WKV_DEV void fwd_scan(const WkvFwdArgs& A, int b, int c) {
 }
 
 // Outputs of one chunk from its start state.
-WKV_DEV void fwd_out_exact(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
+WKV_DEV void fwd_out(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
   const WkvGeo& g = A.g;
   const float w = ex(A.td[c]), u = A.tf[c];
   in_t* __restrict__ y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
@@ -316,62 +270,11 @@ WKV_DEV void fwd_out_exact(const WkvFwdArgs& A, int b, int n, int c, int t0, int
   });
 }
 
-WKV_DEV void fwd_local(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]);
-  Scale S;
-  // Sums from zero: the reference is the largest key (u and the mediums take no part here).
-  if (!S.init(nullptr, g, b, c, t0, 0, t1 - t0, K, WKV_NEG, w, 0.f)) {
-    fwd_local_exact(A, b, n, c, t0, t1, K, V);
-    return;
-  }
-  // The running maximum (pr, pn) as the log-space path keeps it: the sums are handed on on its
-  // scale, so that the state a run returns is represented exactly as the reference represents it.
-  float a = 0.f, bb = 0.f, pr = WKV_NEG, pn = 0.f;
-  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
-    const float x = ex(k - S.R);
-    a = fmaf(S.ew, a, x * v);
-    bb = fmaf(S.ew, bb, x);
-    pn += 1.f;
-    if (k > cur_p(pr, pn, w)) { pr = k; pn = 0.f; }
-  });
-  const float p = cur_p(pr, pn, w), e = ex(S.R - p);     // p <= R; b * e is in [1, t1 - t0]
-  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  A.loc_a[o] = a * e; A.loc_b[o] = bb * e; A.loc_p[o] = p;
-}
-
-WKV_DEV void fwd_out(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]), u = A.tf[c];
-  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  const float p = A.cs_p[o];
-  Scale S;
-  if (!S.init(A.ms_p, g, b, c, t0, 0, t1 - t0, K, p, w, u)) {
-    fwd_out_exact(A, b, n, c, t0, t1, K, V);
-    return;
-  }
-  in_t* __restrict__ y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
-  const float e = ex(p - S.R);
-  float a = A.cs_a[o] * e, bb = A.cs_b[o] * e;
-  MedCursor M;
-  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
-  float mA, mB;
-  S.medium(M, mA, mB);
-  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
-    if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-    const float x = ex(k - S.R), xu = S.eu * x;
-    y[(size_t)t * g.C] = from_f(dv(a + xu * v + mA, bb + xu + mB));
-    a = fmaf(S.ew, a, x * v);
-    bb = fmaf(S.ew, bb, x);
-    M.pos++;
-  });
-}
-
 // ---------------------------------------------------------------- backward
 // Chunk-local sums of the output adjoints: gN_t = gy_t / D_t and gD_t = -gy_t y_t / D_t,
 // (1) decayed to the chunk start: sum_t e^{-(t-t0) w} gN_t, (2) per segment (undecayed).
 // Also saves the token state at every sub-chunk start, for bwd_out.
-WKV_DEV void bwd_local_exact(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
+WKV_DEV void bwd_local(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
   const WkvGeo& g = A.g;
   const float w = ex(A.td[c]), u = A.tf[c];
   const size_t o = ((size_t)b * g.NC + n) * g.C + c;
@@ -406,58 +309,6 @@ WKV_DEV void bwd_local_exact(const WkvBwdArgs& A, int b, int n, int c, int t0, i
   if (g.s > WKV_CH) {
     const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
     A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
-  }
-}
-
-WKV_DEV void bwd_local(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]), u = A.tf[c];
-  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  const float p = A.cs_p[o];
-  Scale S;
-  if (!S.init(A.ms_p, g, b, c, t0, 0, t1 - t0, K, p, w, u)) {
-    bwd_local_exact(A, b, n, c, t0, t1, K, V, G);
-    return;
-  }
-  const float e = ex(p - S.R);
-  float a = A.cs_a[o] * e, bb = A.cs_b[o] * e;
-  MedCursor M;
-  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
-  float mA, mB;
-  S.medium(M, mA, mB);
-  float ra = 0.f, rb = 0.f, dcy = 1.f;      // reverse sum decayed to t0 (dcy = e^{-(t - t0) w})
-  float sa = 0.f, sb = 0.f;                 // segment sum
-  each_token<UB, true>(t0, t1, K, V, G, [&](int t, float k, float v, float gy) {
-    if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-    if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
-      const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
-                          (t - t0) / WKV_SUB) * g.C + c;
-      A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = S.R;
-    }
-    const float x = ex(k - S.R), xu = S.eu * x;
-    const float den = bb + xu + mB;
-    const float y = dv(a + xu * v + mA, den);
-    const float gn = dv(gy, den);
-    ra = fmaf(dcy, gn, ra);
-    rb = fmaf(-dcy * gn, y, rb);
-    dcy *= S.ew;
-    if (g.s > 0) {
-      sa += gn;
-      sb = fmaf(-gn, y, sb);
-      if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
-        const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
-        A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = -S.R;
-        sa = 0.f; sb = 0.f;
-      }
-    }
-    a = fmaf(S.ew, a, x * v);
-    bb = fmaf(S.ew, bb, x);
-    M.pos++;
-  });
-  A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = -S.R;
-  if (g.s > WKV_CH) {
-    const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
-    A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = -S.R;
   }
 }
 
@@ -546,13 +397,12 @@ WKV_DEV void bwd_scan(const WkvBwdArgs& A, int b, int c) {
 }
 
 // Gradients of k and v of one chunk: walk it backwards in sub-chunks of WKV_SUB tokens, whose
-// forward states are recomputed from the sub-chunk start states saved by bwd_local. Each sub-chunk
-// takes the scaled path when its inputs allow (see Scale), the log-space path otherwise; both carry
-// the adjoint of the token state as (ga, gb) * exp(cur_p(gq, gn, w)).
+// forward states are recomputed from the sub-chunk start states saved by bwd_local. The adjoint of
+// the token state is carried as (ga, gb) * exp(cur_p(gq, gn, w)).
 struct Adj { float ga, gb, gq, gn, gw, gu; };
 
-WKV_DEV void bwd_out_sub_exact(const WkvBwdArgs& A, int b, int c, int t0, int tb, int t1, float a, float bb,
-                               float p, Col K, Col V, Col G, in_t* gk, in_t* gv, float w, float u, Adj& J) {
+WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int t0, int tb, int t1, float a, float bb,
+                         float p, Col K, Col V, Col G, in_t* gk, in_t* gv, float w, float u, Adj& J) {
   const WkvGeo& g = A.g;
   MedCursor M;
   M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
@@ -590,51 +440,6 @@ WKV_DEV void bwd_out_sub_exact(const WkvBwdArgs& A, int b, int c, int t0, int tb
   }
 }
 
-WKV_DEV void bwd_out_sub_scaled(const WkvBwdArgs& A, int b, int c, int t0, int tb, int t1, const Scale& S,
-                                float a, float bb, float gA, float gB, Col K, Col V, Col G, in_t* gk, in_t* gv,
-                                Adj& J) {
-  const WkvGeo& g = A.g;
-  MedCursor M;
-  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
-  float mA, mB;
-  S.medium(M, mA, mB);
-  float tA[WKV_SUB], tB[WKV_SUB], tx[WKV_SUB], ty[WKV_SUB], tg[WKV_SUB];
-  WKV_UNROLL
-  for (int i = 0; i < WKV_SUB; i++) {
-    if (tb + i < t1) {
-      if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-      const float kx = K(tb + i - t0), vx = V(tb + i - t0);
-      const float x = ex(kx - S.R), xu = S.eu * x;
-      const float den = bb + xu + mB;
-      ty[i] = dv(a + xu * vx + mA, den);
-      tg[i] = dv(G(tb + i - t0), den);
-      tA[i] = a; tB[i] = bb; tx[i] = x;
-      a = fmaf(S.ew, a, x * vx);
-      bb = fmaf(S.ew, bb, x);
-      M.pos++;
-    }
-  }
-  // (gA, gB) * exp(-R): the adjoint of the state after the sub-chunk, on the same scale.
-  float gw = 0.f;
-  WKV_UNROLL
-  for (int i = WKV_SUB - 1; i >= 0; i--) {
-    const int t = tb + i;
-    if (t < t1) {
-      const float vx = V(t - t0);
-      const float q = S.eu * tx[i] * tg[i];        // exp(u + k) gy / D: the token's own term
-      const float dy = vx - ty[i];
-      gv[(size_t)t * g.C] = from_f(fmaf(tx[i], gA, q));
-      gk[(size_t)t * g.C] = from_f(fmaf(q, dy, tx[i] * fmaf(gA, vx, gB)));
-      J.gu = fmaf(q, dy, J.gu);
-      gw = fmaf(tA[i], gA, fmaf(tB[i], gB, gw));
-      gA = fmaf(S.ew, gA, tg[i]);
-      gB = fmaf(S.ew, gB, -tg[i] * ty[i]);
-    }
-  }
-  J.gw = fmaf(gw, S.ew, J.gw);
-  J.ga = gA; J.gb = gB; J.gq = -S.R; J.gn = 0.f;
-}
-
 WKV_DEV void bwd_out(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
   constexpr int NS = WKV_CH / WKV_SUB;
   const WkvGeo& g = A.g;
@@ -648,24 +453,9 @@ WKV_DEV void bwd_out(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, C
   for (int j = NS - 1; j >= 0; j--) {
     const int tb = t0 + j * WKV_SUB;
     if (tb >= t1) continue;
-    const int te = wkv_min(tb + WKV_SUB, t1);
     const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
     const float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss];   // the state before tb
-    Scale S;
-    bool scaled = S.init(A.ms_p, g, b, c, tb, tb - t0, te - t0, K, p, w, u);
-    float gA = 0.f, gB = 0.f;
-    if (scaled) {       // the incoming adjoint on this scale must stay well inside the float range
-      const float e = ex(cur_p(J.gq, J.gn, w) + S.R);
-      gA = J.ga * e;
-      gB = J.gb * e;
-      scaled = fabsf(gA) <= 1e30f && fabsf(gB) <= 1e30f;
-    }
-    if (scaled) {
-      const float e = ex(p - S.R);
-      bwd_out_sub_scaled(A, b, c, t0, tb, t1, S, a * e, bb * e, gA, gB, K, V, G, gk, gv, J);
-    } else {
-      bwd_out_sub_exact(A, b, c, t0, tb, t1, a, bb, p, K, V, G, gk, gv, w, u, J);
-    }
+    bwd_out_sub(A, b, c, t0, tb, t1, a, bb, p, K, V, G, gk, gv, w, u, J);
   }
   A.pw[o] = J.gw;
   A.pu[o] = J.gu;
