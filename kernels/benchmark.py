@@ -74,8 +74,8 @@ def copy_bandwidth():
 
 
 def wkv_inputs(B, T, C, s, dtype, n_sets, seed=0, wide_keys=False):
-    """Random inputs; keys N(0, 3^2) (stretches take the kernel's scaled path), or with `wide_keys`
-    uniform in [-30, 30] (spread wider than WKV_SPAN: mostly the log-space path, the slow case)."""
+    """Random inputs; keys N(0, 3^2) (as trained models' keys), or with `wide_keys` uniform in
+    [-30, 30] (the running maxima change often)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *sh: torch.randn(*sh, device="cuda", generator=g)  # noqa: E731
     keys = ((lambda *sh: (torch.rand(*sh, device="cuda", generator=g) * 2 - 1) * 30) if wide_keys

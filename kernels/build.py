@@ -345,12 +345,6 @@ def build_extension(name: str, sources: List[Path], build_root: Path, key: str,
         return mod
 
 
-def exact_flag() -> List[str]:
-    """RRWKV_WKV_EXACT=1 builds the kernels with the log-space path only (no scaled stretches; see
-    csrc/wkv_algo.h): for comparing the two in benchmarks and checks. A separate cached build."""
-    return (["-DWKV_EXACT"] if os.environ.get("RRWKV_WKV_EXACT", "") not in ("", "0") else [])
-
-
 def arch_of_current_device() -> str:
     major, minor = torch.cuda.get_device_capability()
     return f"{major}{minor}"
@@ -364,7 +358,7 @@ def load_wkv_extension(dtype: torch.dtype, cache_dir: Optional[str] = None, verb
     src = csrc_dir(WKV_SOURCES + WKV_HEADERS)
     files = [src / f for f in WKV_SOURCES + WKV_HEADERS]
     cuda_flags = ["-O3", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                  "-Xptxas=-O3"] + exact_flag()
+                  "-Xptxas=-O3"]
     if dtype != torch.float32:
         # 16-bit inputs: flush float32 denormals (below 1.2e-38) to zero, which drops the denormal
         # guards around every fast exponential and division (about 6 instructions a token).
@@ -398,7 +392,7 @@ def host_build_spec(dtype: torch.dtype):
     if dtype not in DTYPE_IDS:
         raise KernelBuildError(f"rrwkv: the WKV kernel has no build for dtype {dtype}")
     src = csrc_dir(WKV_HOST_SOURCES + WKV_HEADERS)
-    cflags = ["-O2", "-DWKV_HOST", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}"] + exact_flag()
+    cflags = ["-O2", "-DWKV_HOST", f"-DWKV_DTYPE={DTYPE_IDS[dtype]}"]
     key = source_hash([src / f for f in WKV_HOST_SOURCES + WKV_HEADERS], cflags)
     return f"rrwkv_wkv_host_{DTYPE_NAMES[dtype]}_{key}", src, key, cflags
 
