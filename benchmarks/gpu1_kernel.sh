@@ -10,6 +10,10 @@
 #   source .whl/activate.sh && BASELINE_CSRC=.kbase/kernels/csrc OUT=$OUT bash benchmarks/gpu1_kernel.sh
 # adds the baseline's rows and the ratio of the kernel times to the table.
 #
+# Variants (e.g. other WKV_WIN / WKV_NBUF defaults in copies of kernels/csrc): VARIANTS="DIR ..." builds
+# them in parallel while the tests run, then `kernels.benchmark --compare` times this build's kernels
+# against each of them on the same inputs (step compare).
+#
 # Steps run in order of importance and each is capped, so that a slow one cannot take the rest of a
 # 10-minute command with it; a step that fails is recorded and the next one still runs.
 set -uo pipefail
@@ -33,7 +37,13 @@ step() {   # step NAME SECONDS COMMAND...: run, tee to $R/NAME.txt, record the e
 : > "$R/status.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$R/gpu.txt" 2>&1
 cat "$R/gpu.txt"
+for d in ${VARIANTS:-}; do   # compile the variants meanwhile (each its own cached build)
+  RRWKV_WKV_CSRC=$d "$PY" -c "import torch; from kernels.build import load_wkv_extension as l; l(torch.bfloat16)" \
+    > "/tmp/prebuild_$(echo "$d" | tr / _).log" 2>&1 &
+done
 step tests 240 "$PY" -m pytest -q -m cuda -rs tests/test_wkv_cuda.py
+wait
+[ -n "${VARIANTS:-}" ] && step compare 150 "$PY" -m kernels.benchmark --compare $VARIANTS
 step bench 200 "$PY" -m kernels.benchmark --rep 30 ${BASELINE_CSRC:+--baseline-csrc "$BASELINE_CSRC"}
 step profile 60 "$PY" -m kernels.benchmark --profile
 # Hardware counters of the four chunk kernels at (4,4096,2048), second step (the first compiles):

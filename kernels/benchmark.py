@@ -3,6 +3,7 @@
     python -m kernels.benchmark [--dtype bf16] [--interval 64] [--shapes 8x1024x2048,4x4096x2048,1x16384x2048]
     python -m kernels.benchmark --compile-times      # cold compile and warm load, in fresh processes
     python -m kernels.benchmark --baseline-csrc DIR  # and the kernel of another version of the sources (A/B)
+    python -m kernels.benchmark --compare DIR [DIR ...]  # kernel times only: this build against variants
 
 Rows: this kernel with mediums (interval 64) and without (interval 0); flash-linear-attention's
 fused_recurrent_rwkv4 when `fla` is importable; the pure-PyTorch reference on GPU tensors; PyTorch
@@ -44,9 +45,10 @@ def time_fn(fn, sets, warmup=5, rep=30):
     return statistics.median(times)
 
 
-def own_kernel_ms(step, sets, steps=5):
-    """Device time of this op's own CUDA kernels (names k_*) per step, from torch.profiler: what the
-    GPU spends in the WKV kernels themselves, without the host-side launch and autograd overhead."""
+def kernel_times(step, sets, steps=5):
+    """Device milliseconds per step of each of this op's own CUDA kernels (names k_*), from
+    torch.profiler: what the GPU spends in the WKV kernels themselves, without the host-side launch
+    and autograd overhead."""
     from torch.profiler import ProfilerActivity, profile as prof
     for i in range(2):
         step(sets[i % len(sets)])
@@ -55,12 +57,48 @@ def own_kernel_ms(step, sets, steps=5):
         for i in range(steps):
             step(sets[i % len(sets)])
         torch.cuda.synchronize()
-    tot = 0.0
+    out = {}
     for ev in p.key_averages():
         if ev.key.startswith("k_"):
             t = getattr(ev, "self_device_time_total", None)
-            tot += t if t is not None else getattr(ev, "self_cuda_time_total", 0)
-    return tot / steps / 1e3
+            out[ev.key.split("(")[0]] = (t if t is not None else getattr(ev, "self_cuda_time_total", 0)) / steps / 1e3
+    return out
+
+
+def own_kernel_ms(step, sets, steps=5):
+    """Device time per step of this op's own CUDA kernels together (kernel_times)."""
+    return sum(kernel_times(step, sets, steps).values())
+
+
+def compare(shapes, dtype, interval, folders):
+    """Kernel times (profiler) of this build and of the builds of other source folders (variants of
+    kernels/csrc), on the same inputs in one process: the total per shape with its ratio to this
+    build, then each kernel's time."""
+    from kernels import wkv_retro
+    builds = [("this", None)] + [(f, f) for f in folders]
+    per = {}
+    for shape in shapes:
+        sets = wkv_inputs(*shape, interval, dtype, 3)
+        for name, folder in builds:
+            with use_csrc(folder):
+                per[(name, shape)] = kernel_times(wkv_step(interval, wkv_retro), sets)
+        del sets
+        torch.cuda.empty_cache()
+    print(f"\nWKV kernels (profiler), fwd+bwd, {str(dtype).replace('torch.', '')}, s={interval}, ms per step; "
+          f"card: {torch.cuda.get_device_name()}; date: {datetime.date.today().isoformat()}")
+    print("| build | " + " | ".join(f"({B},{T},{C})" for B, T, C in shapes) + " |")
+    print("|" + "---|" * (len(shapes) + 1))
+    for name, _ in builds:
+        cells = []
+        for shape in shapes:
+            tot, base = sum(per[(name, shape)].values()), sum(per[("this", shape)].values())
+            cells.append(f"{tot:.3f} ({tot / base:.3f}x)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for shape in shapes:
+        names = sorted(per[("this", shape)], key=lambda k: -per[("this", shape)][k])
+        print(f"per kernel at {shape}: " + "; ".join(
+            f"{bn}: " + " ".join(f"{k.replace('k_', '')} {per[(bn, shape)].get(k, 0):.3f}" for k in names)
+            for bn, _ in builds))
 
 
 def copy_bandwidth():
@@ -288,6 +326,9 @@ def main(argv=None):
     ap.add_argument("--steps-only", type=int, default=0, metavar="N",
                     help="run N forward + backward steps at the first shape and nothing else: a program for a "
                          "profiler such as ncu (the first step compiles and warms up)")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+                    help="only the kernel times (profiler) of this build and of the builds of these source folders "
+                         "(variants of kernels/csrc), on the same inputs, with their ratios")
     ap.add_argument("--baseline-csrc", default=None, metavar="DIR",
                     help="also time the kernel built from another version of kernels/csrc (e.g. "
                          "`git archive main kernels/csrc | tar -x -C /tmp/base`, then /tmp/base/kernels/csrc) on the "
@@ -299,6 +340,9 @@ def main(argv=None):
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     if a.profile:
         profile(shapes, DTYPES[a.dtype], a.interval)
+        return
+    if a.compare:
+        compare(shapes, DTYPES[a.dtype], a.interval, a.compare)
         return
     if a.steps_only:
         from kernels import wkv_retro

@@ -17,9 +17,10 @@
 #define NSCAN 32  // threads per block of the scans (one per channel)
 
 // Copy rows [0, rows) x channels [c0, c0 + NTHREADS) of a (rows, C) slab into shared memory
-// sm[rows][NTHREADS]: 16-byte asynchronous copies when the slab allows (so that a whole chunk's
+// sm[rows][NTHREADS]: 16-byte asynchronous copies when the slab allows (so that a whole window's
 // loads are in flight at once, holding no registers), element copies otherwise (C not a multiple
-// of 8 (bf16/fp16) or 4 (fp32), the last channel tile, unaligned base). Callers then wait + sync.
+// of 8 (bf16/fp16) or 4 (fp32), the last channel tile, unaligned base). The caller commits, then
+// waits + syncs.
 __device__ __forceinline__ void tile_load(in_t* __restrict__ sm, const in_t* __restrict__ gsrc, int rows, int C, int c0) {
   constexpr int PER = 16 / sizeof(in_t);
   constexpr int CPR = NTHREADS / PER;
@@ -30,7 +31,6 @@ __device__ __forceinline__ void tile_load(in_t* __restrict__ sm, const in_t* __r
       const int r = i / CPR, q = i - r * CPR;
       __pipeline_memcpy_async(sm + r * NTHREADS + q * PER, gsrc + (size_t)r * C + c0 + q * PER, 16);
     }
-    __pipeline_commit();
   } else {
     for (int i = threadIdx.x; i < rows * NTHREADS; i += NTHREADS) {
       const int r = i / NTHREADS, q = i - r * NTHREADS;
@@ -38,47 +38,103 @@ __device__ __forceinline__ void tile_load(in_t* __restrict__ sm, const in_t* __r
     }
   }
 }
-#define TILE (WKV_CH * NTHREADS)
-// Stage the chunk [t0, t1) of k, v (and gy) for this block's NTHREADS channels in shared memory.
-#define LOAD_TILES(NT, GY)                                                                \
-  extern __shared__ __align__(16) unsigned char smraw[];                                \
-  in_t* sk = reinterpret_cast<in_t*>(smraw);                                            \
-  in_t* sv = sk + TILE;                                                                 \
-  in_t* sg = NT > 2 ? sv + TILE : nullptr;                                              \
-  {                                                                                     \
-    const size_t row0 = ((size_t)b * A.g.T + t0) * A.g.C;                               \
-    const int c0 = blockIdx.x * NTHREADS;                                               \
-    tile_load(sk, (const in_t*)A.k + row0, t1 - t0, A.g.C, c0);                        \
-    tile_load(sv, (const in_t*)A.v + row0, t1 - t0, A.g.C, c0);                        \
-    if (NT > 2) tile_load(sg, (const in_t*)(GY) + row0, t1 - t0, A.g.C, c0);          \
-    __pipeline_wait_prior(0);                                                           \
-    __syncthreads();                                                                    \
-  }                                                                                     \
-  if (c >= A.g.C) return;                                                               \
-  const Col K{sk + threadIdx.x, NTHREADS}, V{sv + threadIdx.x, NTHREADS};
+#define WTILE (WKV_WIN * NTHREADS)
+// Blocks per SM that each chunk kernel's register use must allow (ptxas caps the registers to fit;
+// shared memory allows 9 to 14 blocks of WKV_WIN = 32 tokens).
+#ifndef WKV_MINB_FWD_LOCAL
+#define WKV_MINB_FWD_LOCAL 8
+#endif
+#ifndef WKV_MINB_FWD_OUT
+#define WKV_MINB_FWD_OUT 6
+#endif
+#ifndef WKV_MINB_BWD_LOCAL
+#define WKV_MINB_BWD_LOCAL 8
+#endif
+#ifndef WKV_MINB_BWD_OUT
+#define WKV_MINB_BWD_OUT 5
+#endif
+template <int NT>
+constexpr int smem_bytes() { return WKV_NBUF * NT * WTILE * (int)sizeof(in_t); }
+
+// The block's chunk [t0, t1) of NT inputs (k, v and, when NT == 3, gy), window by window (the last
+// first when REV): each window is staged in shared memory (WKV_NBUF buffers; with 2 the next
+// window's copy is in flight while this one is worked on), then f(w0, w1, K, V, G) runs on it.
+// Every thread of the block takes part in the copies and barriers; f runs where `on` (a channel).
+template <int NT, bool REV, class F>
+__device__ __forceinline__ void each_window(const WkvGeo& g, const void* x0, const void* x1, const void* x2,
+                                            int b, int t0, int t1, bool on, F f) {
+  extern __shared__ __align__(16) unsigned char smraw[];
+  in_t* sm = reinterpret_cast<in_t*>(smraw);
+  const int nw = n_windows(t0, t1);
+  const int c0 = blockIdx.x * NTHREADS;
+  const void* src[3] = {x0, x1, x2};
+  auto load = [&](int i) {
+    int w0, w1;
+    window_range(t0, t1, REV ? nw - 1 - i : i, w0, w1);
+    const size_t row0 = ((size_t)b * g.T + w0) * g.C;
+    in_t* d = sm + (i % WKV_NBUF) * NT * WTILE;
+    WKV_UNROLL
+    for (int q = 0; q < NT; q++) tile_load(d + q * WTILE, (const in_t*)src[q] + row0, w1 - w0, g.C, c0);
+    __pipeline_commit();
+  };
+  if (WKV_NBUF > 1) load(0);
+#pragma unroll 1
+  for (int i = 0; i < nw; i++) {
+    if (WKV_NBUF == 1) {
+      if (i > 0) __syncthreads();   // everyone is done with the previous window
+      load(i);
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();                // window i is in shared memory (and window i - 1 is done with)
+    if (WKV_NBUF > 1 && i + 1 < nw) load(i + 1);
+    if (on) {
+      int w0, w1;
+      window_range(t0, t1, REV ? nw - 1 - i : i, w0, w1);
+      const in_t* d = sm + (i % WKV_NBUF) * NT * WTILE + threadIdx.x;
+      f(w0, w1, Col{d, NTHREADS}, Col{d + WTILE, NTHREADS}, Col{NT > 2 ? d + 2 * WTILE : nullptr, NTHREADS});
+    }
+  }
+}
 
 #define CHUNK_THREAD                                                                      \
   const int c = blockIdx.x * blockDim.x + threadIdx.x;                                  \
   const int n = blockIdx.y, b = blockIdx.z;                                             \
+  const bool on = c < A.g.C;                                                            \
   int t0, t1;                                                                           \
   wkv_chunk_range(A.g, n, t0, t1);
 
+// The scans: threadIdx.y 0 scans the token states over the chunks, threadIdx.y 1 runs the medium
+// recurrence (independent of each other), for NSCAN channels per block.
+#define SCAN_THREAD                                                                       \
+  const int c = blockIdx.x * NSCAN + threadIdx.x;                                       \
+  if (c >= A.g.C) return;
+
 // ---------------------------------------------------------------- forward
-__global__ void __launch_bounds__(NTHREADS) k_fwd_local(WkvFwdArgs A) {
+__global__ void __launch_bounds__(NTHREADS, WKV_MINB_FWD_LOCAL) k_fwd_local(WkvFwdArgs A) {
   CHUNK_THREAD
-  LOAD_TILES(2, nullptr)
-  fwd_local(A, b, n, c, t0, t1, K, V);
+  FwdLocal S;
+  if (on) S.init(A, c);
+  each_window<2, false>(A.g, A.k, A.v, nullptr, b, t0, t1, on,
+                        [&](int w0, int w1, Col K, Col V, Col G) { S.run(w0, w1, K, V); });
+  if (on) S.finish(A, b, n, c);
 }
 
-__global__ void __launch_bounds__(NTHREADS) k_fwd_scan(WkvFwdArgs A) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c < A.g.C) fwd_scan(A, blockIdx.y, c);
+__global__ void __launch_bounds__(2 * NSCAN) k_fwd_scan(WkvFwdArgs A) {
+  SCAN_THREAD
+  if (threadIdx.y == 0) fwd_scan_tokens(A, blockIdx.y, c);
+  else fwd_scan_mediums(A, blockIdx.y, c);
 }
 
-__global__ void __launch_bounds__(NTHREADS) k_fwd_out(WkvFwdArgs A) {
+__global__ void __launch_bounds__(NTHREADS, WKV_MINB_FWD_OUT) k_fwd_out(WkvFwdArgs A) {
   CHUNK_THREAD
-  LOAD_TILES(2, nullptr)
-  fwd_out(A, b, n, c, t0, t1, K, V);
+  FwdOut S;
+  if (on) S.init(A, b, n, c, t0);
+  each_window<2, false>(A.g, A.k, A.v, nullptr, b, t0, t1, on,
+                        [&](int w0, int w1, Col K, Col V, Col G) { S.run(A, b, c, w0, w1, K, V); });
+}
+
+static void set_smem(const void* fn, int bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
@@ -86,39 +142,44 @@ cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
   dim3 blk(NTHREADS);
   dim3 grid_chunks((g.C + NTHREADS - 1) / NTHREADS, g.NC, g.B);
   dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
-  const int sm2 = 2 * TILE * sizeof(in_t);
+  const int sm2 = smem_bytes<2>();
   static bool attr[256] = {};   // the attribute is per device
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev < 0 || dev >= 256 || !attr[dev]) {
-    cudaFuncSetAttribute(k_fwd_local, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2);
-    cudaFuncSetAttribute(k_fwd_out, cudaFuncAttributeMaxDynamicSharedMemorySize, sm2);
+    set_smem((const void*)k_fwd_local, sm2);
+    set_smem((const void*)k_fwd_out, sm2);
     if (dev >= 0 && dev < 256) attr[dev] = true;
   }
   k_fwd_local<<<grid_chunks, blk, sm2, stream>>>(A);
-  k_fwd_scan<<<grid_scan, dim3(NSCAN), 0, stream>>>(A);
+  k_fwd_scan<<<grid_scan, dim3(NSCAN, g.s > 0 ? 2 : 1), 0, stream>>>(A);
   k_fwd_out<<<grid_chunks, blk, sm2, stream>>>(A);
   return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------- backward
-__global__ void __launch_bounds__(NTHREADS) k_bwd_local(WkvBwdArgs A) {
+__global__ void __launch_bounds__(NTHREADS, WKV_MINB_BWD_LOCAL) k_bwd_local(WkvBwdArgs A) {
   CHUNK_THREAD
-  LOAD_TILES(3, A.gy)
-  const Col G{sg + threadIdx.x, NTHREADS};
-  bwd_local(A, b, n, c, t0, t1, K, V, G);
+  BwdLocal S;
+  if (on) S.init(A, b, n, c, t0);
+  each_window<3, false>(A.g, A.k, A.v, A.gy, b, t0, t1, on,
+                        [&](int w0, int w1, Col K, Col V, Col G) { S.run(A, b, n, c, t1, w0, w1, K, V, G); });
+  if (on) S.finish(A, b, n, c);
 }
 
-__global__ void __launch_bounds__(NTHREADS) k_bwd_scan(WkvBwdArgs A) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c < A.g.C) bwd_scan(A, blockIdx.y, c);
+__global__ void __launch_bounds__(2 * NSCAN) k_bwd_scan(WkvBwdArgs A) {
+  SCAN_THREAD
+  if (threadIdx.y == 0) bwd_scan_tokens(A, blockIdx.y, c);
+  else bwd_scan_mediums(A, blockIdx.y, c);
 }
 
-__global__ void __launch_bounds__(NTHREADS) k_bwd_out(WkvBwdArgs A) {
+__global__ void __launch_bounds__(NTHREADS, WKV_MINB_BWD_OUT) k_bwd_out(WkvBwdArgs A) {
   CHUNK_THREAD
-  LOAD_TILES(3, A.gy)
-  const Col G{sg + threadIdx.x, NTHREADS};
-  bwd_out(A, b, n, c, t0, t1, K, V, G);
+  BwdOut S;
+  if (on) S.init(A, b, n, c);
+  each_window<3, true>(A.g, A.k, A.v, A.gy, b, t0, t1, on,
+                       [&](int w0, int w1, Col K, Col V, Col G) { S.run(A, b, n, c, t0, w0, w1, K, V, G); });
+  if (on) S.finish(A, b, n, c);
 }
 
 __global__ void __launch_bounds__(NTHREADS) k_bwd_reduce(WkvBwdArgs A) {
@@ -132,17 +193,17 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   const int cb = (g.C + NTHREADS - 1) / NTHREADS;
   dim3 grid_chunks(cb, g.NC, g.B);
   dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
-  const int sm3 = 3 * TILE * sizeof(in_t);
+  const int sm3 = smem_bytes<3>();
   static bool attr[256] = {};
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev < 0 || dev >= 256 || !attr[dev]) {
-    cudaFuncSetAttribute(k_bwd_local, cudaFuncAttributeMaxDynamicSharedMemorySize, sm3);
-    cudaFuncSetAttribute(k_bwd_out, cudaFuncAttributeMaxDynamicSharedMemorySize, sm3);
+    set_smem((const void*)k_bwd_local, sm3);
+    set_smem((const void*)k_bwd_out, sm3);
     if (dev >= 0 && dev < 256) attr[dev] = true;
   }
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
-  k_bwd_scan<<<grid_scan, dim3(NSCAN), 0, stream>>>(A);
+  k_bwd_scan<<<grid_scan, dim3(NSCAN, g.s > 0 ? 2 : 1), 0, stream>>>(A);
   k_bwd_out<<<grid_chunks, blk, sm3, stream>>>(A);
   k_bwd_reduce<<<dim3((g.C + NSCAN - 1) / NSCAN), dim3(NSCAN), 0, stream>>>(A);
   return cudaGetLastError();

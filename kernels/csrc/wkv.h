@@ -10,6 +10,17 @@
 #define WKV_CH 64     // longest time chunk handled by one thread
 #define WKV_SUB 8     // backward: tokens kept in registers while walking a chunk in reverse
 #define WKV_NEG (-1e38f)
+// Chunk kernels: tokens of inputs staged in shared memory at a time (a multiple of WKV_SUB, at most
+// WKV_CH), and how many such windows are in flight (2: the next window's copy overlaps this one's work).
+#ifndef WKV_WIN
+#define WKV_WIN 32
+#endif
+#ifndef WKV_NBUF
+#define WKV_NBUF 1
+#endif
+#if WKV_WIN % WKV_SUB != 0 || WKV_WIN > WKV_CH || WKV_WIN <= 0
+#error "WKV_WIN must be a positive multiple of WKV_SUB, at most WKV_CH"
+#endif
 
 // Time chunking. Positions are counted in "absolute" coordinates q = phase + t, so that segment j
 // covers q in [j*s, (j+1)*s). Chunks never straddle a segment boundary when s > WKV_CH, and hold

@@ -80,9 +80,9 @@ const char* wkv_dtype_name() {
 #endif
 }
 
-#define U 16      // forward: tokens whose inputs are read together
+#define U 8       // forward: tokens whose inputs are read together
 #define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
-#define SB 8      // scans: loads of SB steps issued together
+#define SB 16     // scans: loads of SB steps issued together
 
 // The inputs of one channel from token t0 on: element i is at p[i * stride] (a shared-memory tile
 // on the GPU, the (B, T, C) tensor itself on the host).
@@ -185,26 +185,45 @@ struct MedCursor {
   }
 };
 
-// ---------------------------------------------------------------- forward
-// Chunk-local token sums from zero.
-WKV_DEV void fwd_local(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]);
-  float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
-  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
-    dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
-  });
-  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  A.loc_a[o] = a; A.loc_b[o] = bb; A.loc_p[o] = cur_p(p, pn, w);
+// ---------------------------------------------------------------- chunks and windows
+// The chunk kernels walk their chunk [t0, t1) window by window: WKV_WIN tokens (a multiple of
+// WKV_SUB) at a time, the windows aligned to t0. On the GPU each window of k, v (and gy) is staged in
+// shared memory for the block's channels, so that a block holds WKV_WIN tokens of inputs instead of
+// the whole chunk (more blocks per SM); on the host each window is a view of the tensor. The
+// per-thread state of a chunk lives in a struct: init (before the first window), run (one window;
+// Col indexes the window from its first token w0), finish (after the last).
+WKV_DEV int n_windows(int t0, int t1) { return (t1 - t0 + WKV_WIN - 1) / WKV_WIN; }
+WKV_DEV void window_range(int t0, int t1, int i, int& w0, int& w1) {
+  w0 = t0 + i * WKV_WIN;
+  w1 = wkv_min(w0 + WKV_WIN, t1);
 }
 
-// Per (b, c): scan over chunks (the chunk-start states are saved), then the medium recurrence.
-WKV_DEV void fwd_scan(const WkvFwdArgs& A, int b, int c) {
+// ---------------------------------------------------------------- forward
+// Chunk-local token sums from zero.
+struct FwdLocal {
+  float w, a, bb, p, pn;
+  WKV_DEV void init(const WkvFwdArgs& A, int c) {
+    w = ex(A.td[c]);
+    a = 0.f; bb = 0.f; p = WKV_NEG; pn = 0.f;
+  }
+  WKV_DEV void run(int w0, int w1, Col K, Col V) {
+    each_token<U, false>(w0, w1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
+      dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+    });
+  }
+  WKV_DEV void finish(const WkvFwdArgs& A, int b, int n, int c) {
+    const size_t o = ((size_t)b * A.g.NC + n) * A.g.C + c;
+    A.loc_a[o] = a; A.loc_b[o] = bb; A.loc_p[o] = cur_p(p, pn, w);
+  }
+};
+
+// Per (b, c): scan over chunks (the chunk-start states are saved). Loads of SB chunks are issued
+// together (they do not depend on the recurrence).
+WKV_DEV void fwd_scan_tokens(const WkvFwdArgs& A, int b, int c) {
   const WkvGeo& g = A.g;
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
   float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG), pn = 0.f;
-  // Loads of SB chunks are issued together (they do not depend on the recurrence).
   for (int n0 = 0; n0 < g.NC; n0 += SB) {
     float la[SB], lb[SB], lp[SB];
     WKV_UNROLL
@@ -224,97 +243,123 @@ WKV_DEV void fwd_scan(const WkvFwdArgs& A, int b, int c) {
       }
   }
   A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = cur_p(p, pn, w);
-  if (g.s > 0) {
-    const float wm = ex(A.md[c]);
-    a = ld_or(A.ma, bc, 0.f); bb = ld_or(A.mb, bc, 0.f); p = ld_or(A.mp, bc, WKV_NEG); pn = 0.f;
-    for (int r0 = 0; r0 < g.J; r0 += SB) {
-      float kk[SB], vv[SB];
-      WKV_UNROLL
-      for (int i = 0; i < SB; i++)
-        if (r0 + i < g.J) {
-          const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
-          kk[i] = A.mk[o]; vv[i] = A.mv[o];
-        }
-      WKV_UNROLL
-      for (int i = 0; i < SB; i++)
-        if (r0 + i < g.J) {
-          const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
-          A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
-          if (r0 + i < g.complete) dec_add(a, bb, p, pn, wm, 1.f, vv[i], 1.f, kk[i]);
-        }
-    }
-    A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm);
+}
+
+// Per (b, c): the medium recurrence (independent of the token scan: the kernel runs both at once).
+WKV_DEV void fwd_scan_mediums(const WkvFwdArgs& A, int b, int c) {
+  const WkvGeo& g = A.g;
+  if (g.s == 0) return;
+  const size_t bc = (size_t)b * g.C + c;
+  const float wm = ex(A.md[c]);
+  float a = ld_or(A.ma, bc, 0.f), bb = ld_or(A.mb, bc, 0.f), p = ld_or(A.mp, bc, WKV_NEG), pn = 0.f;
+  for (int r0 = 0; r0 < g.J; r0 += SB) {
+    float kk[SB], vv[SB];
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++)
+      if (r0 + i < g.J) {
+        const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
+        kk[i] = A.mk[o]; vv[i] = A.mv[o];
+      }
+    WKV_UNROLL
+    for (int i = 0; i < SB; i++)
+      if (r0 + i < g.J) {
+        const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
+        A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
+        if (r0 + i < g.complete) dec_add(a, bb, p, pn, wm, 1.f, vv[i], 1.f, kk[i]);
+      }
   }
+  A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm);
 }
 
 // Outputs of one chunk from its start state.
-WKV_DEV void fwd_out(const WkvFwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V) {
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]), u = A.tf[c];
-  in_t* __restrict__ y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
-  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
+struct FwdOut {
+  float w, u, a, bb, p, pn;
   MedCursor M;
-  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
-  each_token<U, false>(t0, t1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
-    M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
-    const float pc = cur_p(p, pn, w);
-    const float lu = u + k;
-    const float m = fmaxf(fmaxf(pc, lu), M.mP);
-    const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(M.mP - m);
-    const float num = e1 * a + e2 * v + em * M.mA;
-    const float den = e1 * bb + e2 + em * M.mB;
-    y[(size_t)t * g.C] = from_f(dv(num, den));
-    dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
-    M.pos++;
-  });
-}
+  in_t* y;
+  WKV_DEV void init(const WkvFwdArgs& A, int b, int n, int c, int t0) {
+    const WkvGeo& g = A.g;
+    w = ex(A.td[c]); u = A.tf[c];
+    y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    a = A.cs_a[o]; bb = A.cs_b[o]; p = A.cs_p[o]; pn = 0.f;
+    M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
+  }
+  WKV_DEV void run(const WkvFwdArgs& A, int b, int c, int w0, int w1, Col K, Col V) {
+    const WkvGeo& g = A.g;
+    each_token<U, false>(w0, w1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
+      M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+      const float pc = cur_p(p, pn, w);
+      const float lu = u + k;
+      const float m = fmaxf(fmaxf(pc, lu), M.mP);
+      const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(M.mP - m);
+      const float num = e1 * a + e2 * v + em * M.mA;
+      const float den = e1 * bb + e2 + em * M.mB;
+      y[(size_t)t * g.C] = from_f(dv(num, den));
+      dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+      M.pos++;
+    });
+  }
+};
 
 // ---------------------------------------------------------------- backward
 // Chunk-local sums of the output adjoints: gN_t = gy_t / D_t and gD_t = -gy_t y_t / D_t,
 // (1) decayed to the chunk start: sum_t e^{-(t-t0) w} gN_t, (2) per segment (undecayed).
 // Also saves the token state at every sub-chunk start, for bwd_out.
-WKV_DEV void bwd_local(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]), u = A.tf[c];
-  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  float a = A.cs_a[o], bb = A.cs_b[o], p = A.cs_p[o], pn = 0.f;
+struct BwdLocal {
+  float w, u, a, bb, p, pn;
   MedCursor M;
-  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
-  float ra = 0.f, rb = 0.f, rp = WKV_NEG;   // reverse sum decayed to t0
-  float sa = 0.f, sb = 0.f, sp = WKV_NEG;   // segment sum
-  each_token<UB, true>(t0, t1, K, V, G, [&](int t, float k, float v, float gy) {
-    M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
-    const float pc = cur_p(p, pn, w);
-    if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
-      const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
-                          (t - t0) / WKV_SUB) * g.C + c;
-      A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
-    }
-    const TokOut q = tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP);
-    const float gn = dv(gy, q.den);
-    lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
-    if (g.s > 0) {
-      lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
-      if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
-        const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
-        A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
-        sa = 0.f; sb = 0.f; sp = WKV_NEG;
-      }
-    }
-    dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
-    M.pos++;
-  });
-  A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = rp;
-  if (g.s > WKV_CH) {
-    const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
-    A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+  float ra, rb, rp;   // reverse sum decayed to t0
+  float sa, sb, sp;   // segment sum
+  int t0;
+  WKV_DEV void init(const WkvBwdArgs& A, int b, int n, int c, int t0_) {
+    const WkvGeo& g = A.g;
+    t0 = t0_;
+    w = ex(A.td[c]); u = A.tf[c];
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    a = A.cs_a[o]; bb = A.cs_b[o]; p = A.cs_p[o]; pn = 0.f;
+    M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
+    ra = 0.f; rb = 0.f; rp = WKV_NEG;
+    sa = 0.f; sb = 0.f; sp = WKV_NEG;
   }
-}
+  WKV_DEV void run(const WkvBwdArgs& A, int b, int n, int c, int t1, int w0, int w1, Col K, Col V, Col G) {
+    const WkvGeo& g = A.g;
+    each_token<UB, true>(w0, w1, K, V, G, [&](int t, float k, float v, float gy) {
+      M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+      const float pc = cur_p(p, pn, w);
+      if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
+        const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
+                            (t - t0) / WKV_SUB) * g.C + c;
+        A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
+      }
+      const TokOut q = tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP);
+      const float gn = dv(gy, q.den);
+      lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
+      if (g.s > 0) {
+        lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
+        if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+          const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
+          A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+          sa = 0.f; sb = 0.f; sp = WKV_NEG;
+        }
+      }
+      dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+      M.pos++;
+    });
+  }
+  WKV_DEV void finish(const WkvBwdArgs& A, int b, int n, int c) {
+    const WkvGeo& g = A.g;
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    A.r_a[o] = ra; A.r_b[o] = rb; A.r_p[o] = rp;
+    if (g.s > WKV_CH) {
+      const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
+      A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+    }
+  }
+};
 
 // Per (b, c): reverse scan over chunks (writes the adjoint of the token state at each chunk end into
-// r_*), gradients of the incoming token state, and the whole medium backward.
-WKV_DEV void bwd_scan(const WkvBwdArgs& A, int b, int c) {
+// r_*) and the gradients of the incoming token state.
+WKV_DEV void bwd_scan_tokens(const WkvBwdArgs& A, int b, int c) {
   const WkvGeo& g = A.g;
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
@@ -338,13 +383,18 @@ WKV_DEV void bwd_scan(const WkvBwdArgs& A, int b, int c) {
       }
   }
   Rp = cur_p(Rp, Rn, w);
-  {
-    const float aa0 = ld_or(A.aa, bc, 0.f), bb0 = ld_or(A.bb, bc, 0.f);
-    const float e = ex(Rp + ld_or(A.pp, bc, WKV_NEG));
-    const float ga = Ra * e, gb = Rb * e;
-    A.gaa[bc] = ga; A.gbb[bc] = gb; A.gpp[bc] = ga * aa0 + gb * bb0;
-  }
+  const float aa0 = ld_or(A.aa, bc, 0.f), bb0 = ld_or(A.bb, bc, 0.f);
+  const float e = ex(Rp + ld_or(A.pp, bc, WKV_NEG));
+  const float ga = Ra * e, gb = Rb * e;
+  A.gaa[bc] = ga; A.gbb[bc] = gb; A.gpp[bc] = ga * aa0 + gb * bb0;
+}
+
+// Per (b, c): the whole medium backward (gmk, gmv, the incoming medium state's gradients and
+// medium_decay's partial). Independent of the token scan: the kernel runs both at once.
+WKV_DEV void bwd_scan_mediums(const WkvBwdArgs& A, int b, int c) {
+  const WkvGeo& g = A.g;
   if (g.s == 0) return;
+  const size_t bc = (size_t)b * g.C + c;
   const float wm = ex(A.md[c]);
   float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;   // adjoint of the medium state before segment r + 1
   if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
@@ -398,10 +448,10 @@ WKV_DEV void bwd_scan(const WkvBwdArgs& A, int b, int c) {
 
 // Gradients of k and v of one chunk: walk it backwards in sub-chunks of WKV_SUB tokens, whose
 // forward states are recomputed from the sub-chunk start states saved by bwd_local. The adjoint of
-// the token state is carried as (ga, gb) * exp(cur_p(gq, gn, w)).
+// the token state is carried as (ga, gb) * exp(cur_p(gq, gn, w)). The windows come last first.
 struct Adj { float ga, gb, gq, gn, gw, gu; };
 
-WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int t0, int tb, int t1, float a, float bb,
+WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, float a, float bb,
                          float p, Col K, Col V, Col G, in_t* gk, in_t* gv, float w, float u, Adj& J) {
   const WkvGeo& g = A.g;
   MedCursor M;
@@ -410,13 +460,13 @@ WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int t0, int tb, int 
   float pn = 0.f;
   WKV_UNROLL
   for (int i = 0; i < WKV_SUB; i++) {
-    if (tb + i < t1) {
+    if (tb + i < te) {
       M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
       const float pc = cur_p(p, pn, w);
-      const float kx = K(tb + i - t0), vx = V(tb + i - t0);
+      const float kx = K(tb + i - w0), vx = V(tb + i - w0);
       const TokOut q = tok_out(a, bb, pc, kx, vx, u, M.mA, M.mB, M.mP);
       ta[i] = a; tbb[i] = bb; tp[i] = pc;
-      tm[i] = q.m; tgn[i] = dv(G(tb + i - t0), q.den); ty[i] = q.y; tgx[i] = q.eu * tgn[i];
+      tm[i] = q.m; tgn[i] = dv(G(tb + i - w0), q.den); ty[i] = q.y; tgx[i] = q.eu * tgn[i];
       dec_add(a, bb, p, pn, w, 1.f, vx, 1.f, kx);
       M.pos++;
     }
@@ -424,10 +474,10 @@ WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int t0, int tb, int 
   WKV_UNROLL
   for (int i = WKV_SUB - 1; i >= 0; i--) {
     const int t = tb + i;
-    if (t < t1) {
+    if (t < te) {
       // (ga, gb, gq): adjoint of the token state after t (A_{t+1}, B_{t+1}).
       const float gc = cur_p(J.gq, J.gn, w);
-      const float kx = K(t - t0), vx = V(t - t0);
+      const float kx = K(t - w0), vx = V(t - w0);
       const float x = tgx[i];
       const float ek = ex(kx + gc);
       const float dy = vx - ty[i];
@@ -440,32 +490,47 @@ WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int t0, int tb, int 
   }
 }
 
-WKV_DEV void bwd_out(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, Col K, Col V, Col G) {
-  constexpr int NS = WKV_CH / WKV_SUB;
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]), u = A.tf[c];
-  const size_t base_bt = (size_t)b * g.T * g.C + c;
-  in_t* __restrict__ gk = (in_t*)A.gk + base_bt;
-  in_t* __restrict__ gv = (in_t*)A.gv + base_bt;
-  const size_t o = ((size_t)b * g.NC + n) * g.C + c;
-  Adj J{A.r_a[o], A.r_b[o], A.r_p[o], 0.f, 0.f, 0.f};   // adjoint of the state after the chunk
-#pragma unroll 1
-  for (int j = NS - 1; j >= 0; j--) {
-    const int tb = t0 + j * WKV_SUB;
-    if (tb >= t1) continue;
-    const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
-    const float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss];   // the state before tb
-    bwd_out_sub(A, b, c, t0, tb, t1, a, bb, p, K, V, G, gk, gv, w, u, J);
+struct BwdOut {
+  float w, u;
+  Adj J;   // adjoint of the state after the part of the chunk walked so far
+  in_t *gk, *gv;
+  WKV_DEV void init(const WkvBwdArgs& A, int b, int n, int c) {
+    const WkvGeo& g = A.g;
+    w = ex(A.td[c]); u = A.tf[c];
+    const size_t base_bt = (size_t)b * g.T * g.C + c;
+    gk = (in_t*)A.gk + base_bt;
+    gv = (in_t*)A.gv + base_bt;
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    J = Adj{A.r_a[o], A.r_b[o], A.r_p[o], 0.f, 0.f, 0.f};
   }
-  A.pw[o] = J.gw;
-  A.pu[o] = J.gu;
-}
+  // The window [w0, w1) of the chunk starting at t0, its sub-chunks last first.
+  WKV_DEV void run(const WkvBwdArgs& A, int b, int n, int c, int t0, int w0, int w1, Col K, Col V, Col G) {
+    constexpr int NS = WKV_CH / WKV_SUB;
+    const WkvGeo& g = A.g;
+    const int j0 = (w0 - t0) / WKV_SUB, j1 = (w1 - t0 + WKV_SUB - 1) / WKV_SUB;
+#pragma unroll 1
+    for (int j = j1 - 1; j >= j0; j--) {
+      const int tb = t0 + j * WKV_SUB;
+      const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
+      const float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss];   // the state before tb
+      bwd_out_sub(A, b, c, w0, tb, w1, a, bb, p, K, V, G, gk, gv, w, u, J);
+    }
+  }
+  WKV_DEV void finish(const WkvBwdArgs& A, int b, int n, int c) {
+    const size_t o = ((size_t)b * A.g.NC + n) * A.g.C + c;
+    A.pw[o] = J.gw;
+    A.pu[o] = J.gu;
+  }
+};
 
 // Per c: fixed-order sums of the per-chunk partial gradients of time_decay, time_first, medium_decay.
 WKV_DEV void bwd_reduce(const WkvBwdArgs& A, int c) {
   const WkvGeo& g = A.g;
   float sw = 0.f, su = 0.f;
   const int rows = g.B * g.NC;
+#if defined(__CUDACC__)
+#pragma unroll 8
+#endif
   for (int i = 0; i < rows; i++) {
     sw += A.pw[(size_t)i * g.C + c];
     su += A.pu[(size_t)i * g.C + c];

@@ -34,25 +34,59 @@ void each_channel(const WkvGeo& g, F f) {
 
 }  // namespace
 
+// Each chunk walked window by window, as the CUDA kernels do (wkv_algo.h).
+template <class F>
+void each_window(int t0, int t1, bool reverse, F f) {
+  const int nw = n_windows(t0, t1);
+  for (int i = 0; i < nw; i++) {
+    int w0, w1;
+    window_range(t0, t1, reverse ? nw - 1 - i : i, w0, w1);
+    f(w0, w1);
+  }
+}
+
 void wkv_forward_host(const WkvFwdArgs& A) {
   const WkvGeo& g = A.g;
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
-    fwd_local(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c));
+    FwdLocal S;
+    S.init(A, c);
+    each_window(t0, t1, false, [&](int w0, int w1) { S.run(w0, w1, col(A.k, g, b, w0, c), col(A.v, g, b, w0, c)); });
+    S.finish(A, b, n, c);
   });
-  each_channel(g, [&](int b, int c) { fwd_scan(A, b, c); });
+  each_channel(g, [&](int b, int c) {
+    fwd_scan_tokens(A, b, c);
+    fwd_scan_mediums(A, b, c);
+  });
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
-    fwd_out(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c));
+    FwdOut S;
+    S.init(A, b, n, c, t0);
+    each_window(t0, t1, false, [&](int w0, int w1) {
+      S.run(A, b, c, w0, w1, col(A.k, g, b, w0, c), col(A.v, g, b, w0, c));
+    });
   });
 }
 
 void wkv_backward_host(const WkvBwdArgs& A) {
   const WkvGeo& g = A.g;
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
-    bwd_local(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c), col(A.gy, g, b, t0, c));
+    BwdLocal S;
+    S.init(A, b, n, c, t0);
+    each_window(t0, t1, false, [&](int w0, int w1) {
+      S.run(A, b, n, c, t1, w0, w1, col(A.k, g, b, w0, c), col(A.v, g, b, w0, c), col(A.gy, g, b, w0, c));
+    });
+    S.finish(A, b, n, c);
   });
-  each_channel(g, [&](int b, int c) { bwd_scan(A, b, c); });
+  each_channel(g, [&](int b, int c) {
+    bwd_scan_tokens(A, b, c);
+    bwd_scan_mediums(A, b, c);
+  });
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
-    bwd_out(A, b, n, c, t0, t1, col(A.k, g, b, t0, c), col(A.v, g, b, t0, c), col(A.gy, g, b, t0, c));
+    BwdOut S;
+    S.init(A, b, n, c);
+    each_window(t0, t1, true, [&](int w0, int w1) {
+      S.run(A, b, n, c, t0, w0, w1, col(A.k, g, b, w0, c), col(A.v, g, b, w0, c), col(A.gy, g, b, w0, c));
+    });
+    S.finish(A, b, n, c);
   });
   at::parallel_for(0, g.C, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; c++) bwd_reduce(A, (int)c);
