@@ -182,9 +182,20 @@ __global__ void __launch_bounds__(NTHREADS, WKV_MINB_BWD_OUT) k_bwd_out(WkvBwdAr
   if (on) S.finish(A, b, n, c);
 }
 
-__global__ void __launch_bounds__(NTHREADS) k_bwd_reduce(WkvBwdArgs A) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c < A.g.C) bwd_reduce(A, c);
+#define NRED 8   // k_bwd_reduce: threads (parts of the rows) per channel
+__global__ void __launch_bounds__(NSCAN * NRED) k_bwd_reduce(WkvBwdArgs A) {
+  __shared__ float part_w[NRED][NSCAN], part_u[NRED][NSCAN];
+  const int c = blockIdx.x * NSCAN + threadIdx.x;
+  float sw = 0.f, su = 0.f;
+  if (c < A.g.C) bwd_reduce_part(A, c, threadIdx.y, NRED, sw, su);
+  part_w[threadIdx.y][threadIdx.x] = sw;
+  part_u[threadIdx.y][threadIdx.x] = su;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < A.g.C) {
+    sw = 0.f; su = 0.f;
+    for (int i = 0; i < NRED; i++) { sw += part_w[i][threadIdx.x]; su += part_u[i][threadIdx.x]; }
+    bwd_reduce_finish(A, c, sw, su);
+  }
 }
 
 cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
@@ -205,6 +216,6 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
   k_bwd_scan<<<grid_scan, dim3(NSCAN, g.s > 0 ? 2 : 1), 0, stream>>>(A);
   k_bwd_out<<<grid_chunks, blk, sm3, stream>>>(A);
-  k_bwd_reduce<<<dim3((g.C + NSCAN - 1) / NSCAN), dim3(NSCAN), 0, stream>>>(A);
+  k_bwd_reduce<<<dim3((g.C + NSCAN - 1) / NSCAN), dim3(NSCAN, NRED), 0, stream>>>(A);
   return cudaGetLastError();
 }

@@ -524,17 +524,20 @@ struct BwdOut {
 };
 
 // Per c: fixed-order sums of the per-chunk partial gradients of time_decay, time_first, medium_decay.
-WKV_DEV void bwd_reduce(const WkvBwdArgs& A, int c) {
+// The rows (b, chunk) are split into `parts` interleaved parts (rows part, part + parts, ...), each
+// summed in order; the kernel gives each part a thread and adds the parts in order (deterministic).
+WKV_DEV void bwd_reduce_part(const WkvBwdArgs& A, int c, int part, int parts, float& sw, float& su) {
   const WkvGeo& g = A.g;
-  float sw = 0.f, su = 0.f;
+  sw = 0.f; su = 0.f;
   const int rows = g.B * g.NC;
-#if defined(__CUDACC__)
-#pragma unroll 8
-#endif
-  for (int i = 0; i < rows; i++) {
+  for (int i = part; i < rows; i += parts) {
     sw += A.pw[(size_t)i * g.C + c];
     su += A.pu[(size_t)i * g.C + c];
   }
+}
+
+WKV_DEV void bwd_reduce_finish(const WkvBwdArgs& A, int c, float sw, float su) {
+  const WkvGeo& g = A.g;
   const float w = ex(A.td[c]);
   A.gtd[c] = -w * sw;
   A.gtf[c] = su;

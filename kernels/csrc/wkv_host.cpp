@@ -89,6 +89,10 @@ void wkv_backward_host(const WkvBwdArgs& A) {
     S.finish(A, b, n, c);
   });
   at::parallel_for(0, g.C, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; c++) bwd_reduce(A, (int)c);
+    for (int64_t c = lo; c < hi; c++) {
+      float sw, su;
+      bwd_reduce_part(A, (int)c, 0, 1, sw, su);
+      bwd_reduce_finish(A, (int)c, sw, su);
+    }
   });
 }
