@@ -70,6 +70,7 @@ bench() {
     "${COMMON[@]}" "$@" "${SHRINK[@]}" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0)) s ($n ranks)"
+  [ $rc -ne 0 ] && grep "^benchmark:" "$OUT/$name.log" | tail -3   # how far a stopped run got
   grep -E "^\{\"device|^model |^rrwkv|^sdpa|^pipeline:|^RRWKV /|^error|out of memory|Error" "$OUT/$name.log" \
     | grep -v "^\[" | cut -c1-400 | tail -14
   return $rc

@@ -178,7 +178,9 @@ def main(argv):
     cfg = R.parse_config(rest, prog="launch/benchmark.py")
     dist = R.init(cfg)
     mcfg = R.model_config(cfg)
+    t_start = time.perf_counter()
     model, dp_rank = R.build_model(cfg, dist)
+    say_main(dist, f"benchmark: model built and initialized in {time.perf_counter() - t_start:.1f} s")
     layout = batch_layout(cfg, R.data_parallel_size(cfg, dist), dp_rank)
     T, M = cfg.data.seq_len, layout.micro_batch_size
     gen = torch.Generator().manual_seed(cfg.run.seed + dp_rank)
@@ -206,7 +208,10 @@ def main(argv):
         busy = instrument_pipeline(engine, sync) if is_pipeline(engine) else None
         l2 = cfg.train.l2wrap and name.startswith("rrwkv")
         t0 = time.perf_counter()
-        time_steps(engine, batches, args.warmup, dist.device, l2, phases=False)
+        for i in range(args.warmup):   # one at a time, so that a slow start shows where it is
+            time_steps(engine, batches, 1, dist.device, l2, phases=False)
+            say_main(dist, f"benchmark: {name}: warm-up step {i + 1}/{args.warmup} done at "
+                           f"{time.perf_counter() - t0:.1f} s")
         warmup_s = time.perf_counter() - t0
         t = time_steps(engine, batches, args.steps, dist.device, l2, phases=False)
         ph = time_steps(engine, batches, args.phase_steps, dist.device, l2, phases=True, busy=busy)
@@ -261,7 +266,9 @@ def main(argv):
             m, flops, params = model, flops_per_token(mcfg), count_params(mcfg)
         else:
             m, flops, params = make_sdpa(cfg, mcfg, T)
+        t_engine = time.perf_counter()
         engine = build_engine(m, cfg, layout, dist.device)
+        say_main(dist, f"benchmark: {name}: engine built in {time.perf_counter() - t_engine:.1f} s")
         for variant in ([name, name + "_compiled"] if args.also_compiled else [name]):
             if variant.endswith("_compiled"):
                 compile_now(name, m)
