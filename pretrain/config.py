@@ -207,6 +207,8 @@ OWNED_DEEPSPEED_KEYS = {
     "gradient_accumulation_steps": "train.global_batch_size and data.micro_batch_size",
     "bf16.enabled": "train.precision", "fp16.enabled": "train.precision",
     "zero_optimization.stage": "parallel.zero_stage", "data_types.grad_accum_dtype": "train.grad_accum_dtype",
+    "gradient_clipping": "optim.grad_clip", "optimizer": "optim.* (lr, betas, eps, weight_decay, fused_adam)",
+    "scheduler": "optim.schedule and its keys",
 }
 
 
@@ -219,7 +221,7 @@ def check_deepspeed_overrides(overrides: Any) -> None:
     def walk(node: Any, prefix: str) -> None:
         for k in node:
             key = prefix + str(k)
-            if key in OWNED_DEEPSPEED_KEYS:
+            if key in OWNED_DEEPSPEED_KEYS:   # the key itself, or (below) a key under it
                 raise ConfigError(f"config key 'parallel.deepspeed.{key}' is set by {OWNED_DEEPSPEED_KEYS[key]}: "
                                   f"set that instead")
             if isinstance(node[k], (DictConfig, dict)):
