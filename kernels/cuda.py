@@ -1,4 +1,4 @@
-"""CUDA backend of kernels.wkv_retro: the compiled kernel (kernels/csrc) behind an autograd.Function.
+"""CUDA backend of kernels.wkv_retro: the compiled kernel (kernels/csrc) as torch.library custom ops.
 
 wkv_retro_cuda(...) returns exactly what the reference returns: y (B, T, C) in k's dtype and the
 WKVState after the chunk (float32 tensors). Gradients flow to time_decay, time_first, k, v,
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from . import build
 from .reference import wkv_retro_reference
@@ -37,32 +38,100 @@ def _ext(dtype: torch.dtype, device: torch.device):
     return ext
 
 
-class _WKVRetro(torch.autograd.Function):
-    """Inputs: interval, phase, then float32 (C,) parameters, k/v in their dtype, float32 mediums and
-    state tensors; an empty (numel 0) state tensor means a fresh state."""
+# The kernel as two torch.library custom ops with an autograd formula and shape functions ("fake"
+# implementations), so that torch.compile traces through the op instead of breaking its graph there:
+# a compiled block is one graph, WKV included (pretrain/compile.py). Eager calls take the same path.
+# Inputs: interval, phase, then float32 (C,) parameters, k/v in their dtype, float32 mediums and state
+# tensors; an empty (numel 0) state tensor means a fresh state (an empty gradient: zero).
 
-    @staticmethod
-    def forward(ctx, interval, phase, td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp):
-        ext = _ext(k.dtype, k.device)
-        y, aaT, bbT, ppT, maT, mbT, mpT, cs, ms = ext.forward(td, tf, k, v, md, mk, mv, aa, bb, pp,
-                                                              ma, mb, mp, interval, phase)
-        ctx.interval, ctx.phase = interval, phase
-        ctx.save_for_backward(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms)
-        ctx.mark_non_differentiable(ppT, mpT)
-        ctx.set_materialize_grads(False)
-        return y, aaT, bbT, ppT, maT, mbT, mpT
+def geometry(T: int, interval: int, phase: int) -> Tuple[int, int]:
+    """(NC, J) of csrc/wkv.h's wkv_make_geo: the number of time chunks the forward saves a state for,
+    and of mediums. The shape functions below need them; tests check them against the built op."""
+    if interval == 0:
+        return -(-T // CHUNK), 0
+    q_last = phase + T - 1
+    J = -(-(phase + T) // interval)
+    if interval <= CHUNK:
+        return q_last // (interval * (CHUNK // interval)) + 1, J
+    nsub = -(-interval // CHUNK)
+    L = -(-interval // nsub)
+    j = q_last // interval
+    return j * nsub + (q_last - j * interval) // L - phase // L + 1, J
 
-    @staticmethod
-    def backward(ctx, gy, gaaT, gbbT, _gppT, gmaT, gmbT, _gmpT):
-        td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms = ctx.saved_tensors
-        none = k.new_empty(0, dtype=torch.float32)
-        opt = lambda g: none if g is None else g.float().contiguous()  # noqa: E731
-        gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
-        ext = _ext(k.dtype, k.device)
-        grads = ext.backward(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms,
-                             gy, opt(gaaT), opt(gbbT), opt(gmaT), opt(gmbT), ctx.interval, ctx.phase)
-        need = ctx.needs_input_grad[2:]
-        return (None, None) + tuple(g if n else None for g, n in zip(grads, need))
+
+CHUNK = 64   # WKV_CH of csrc/wkv.h
+
+
+@torch.library.custom_op("rrwkv::wkv_forward", mutates_args=())
+def wkv_forward_op(td: Tensor, tf: Tensor, k: Tensor, v: Tensor, md: Tensor, mk: Tensor, mv: Tensor,
+                   aa: Tensor, bb: Tensor, pp: Tensor, ma: Tensor, mb: Tensor, mp: Tensor,
+                   interval: int, phase: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                       Tensor, Tensor]:
+    """y, the outgoing state (aa, bb, pp, ma, mb, mp), and the chunk and medium states the backward needs."""
+    c = lambda t: t.contiguous()  # noqa: E731  (a compiled graph may hand over other strides)
+    out = _ext(k.dtype, k.device).forward(c(td), c(tf), c(k), c(v), c(md), c(mk), c(mv), c(aa), c(bb), c(pp),
+                                          c(ma), c(mb), c(mp), interval, phase)
+    return tuple(out)
+
+
+@wkv_forward_op.register_fake
+def _(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, interval, phase):
+    B, T, C = k.shape
+    NC, J = geometry(T, interval, phase)
+    f32 = lambda *shape: k.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    Cm = C if interval > 0 else 0
+    return (torch.empty_like(k), f32(B, C), f32(B, C), f32(B, C), f32(B, Cm), f32(B, Cm), f32(B, Cm),
+            f32(3, B, NC, C), f32(3, B, J, C))
+
+
+@torch.library.custom_op("rrwkv::wkv_backward", mutates_args=())
+def wkv_backward_op(td: Tensor, tf: Tensor, k: Tensor, v: Tensor, md: Tensor, mk: Tensor, mv: Tensor,
+                    aa: Tensor, bb: Tensor, pp: Tensor, ma: Tensor, mb: Tensor, mp: Tensor,
+                    ppT: Tensor, mpT: Tensor, cs: Tensor, ms: Tensor, gy: Tensor, gaaT: Tensor, gbbT: Tensor,
+                    gmaT: Tensor, gmbT: Tensor, interval: int, phase: int
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of time_decay, time_first, k, v, medium_decay, mk, mv, and of the incoming state
+    (aa, bb, pp, ma, mb, mp) stacked as one (6, B, C) tensor."""
+    c = lambda t: t.contiguous()  # noqa: E731
+    g = _ext(k.dtype, k.device).backward(*(c(t) for t in (td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp,
+                                                           ppT, mpT, cs, ms, gy, gaaT, gbbT, gmaT, gmbT)),
+                                         interval, phase)
+    return tuple(g[:7]) + (torch.stack(g[7:]),)   # the six state gradients are views of one buffer
+
+
+@wkv_backward_op.register_fake
+def _(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms, gy, gaaT, gbbT, gmaT, gmbT,
+      interval, phase):
+    B, T, C = k.shape
+    J = geometry(T, interval, phase)[1]
+    Cm = C if interval > 0 else 0
+    f32 = lambda *shape: k.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return (f32(C), f32(C), torch.empty_like(k), torch.empty_like(k), f32(Cm), f32(B, J, Cm), f32(B, J, Cm),
+            f32(6, B, C))
+
+
+def _setup_context(ctx, inputs, output):
+    td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, interval, phase = inputs
+    _y, _aaT, _bbT, ppT, _maT, _mbT, mpT, cs, ms = output
+    ctx.interval, ctx.phase = interval, phase
+    ctx.save_for_backward(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms)
+
+
+def _backward(ctx, gy, gaaT, gbbT, _gppT, gmaT, gmbT, _gmpT, _gcs, _gms):
+    # The outgoing maxima (pp, mp) and the saved chunk states are not differentiable (as in the
+    # reference): their gradients, if any, are ignored.
+    td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms = ctx.saved_tensors
+    none = k.new_empty(0, dtype=torch.float32)
+    opt = lambda g: none if g is None else g.float()  # noqa: E731
+    gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype)
+    gtd, gtf, gk, gv, gmd, gmk, gmv, gst = torch.ops.rrwkv.wkv_backward(
+        td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms, gy, opt(gaaT), opt(gbbT),
+        opt(gmaT), opt(gmbT), ctx.interval, ctx.phase)
+    grads = (gtd, gtf, gk, gv, gmd, gmk, gmv) + tuple(gst.unbind(0))
+    return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:13])) + (None, None)
+
+
+wkv_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -93,8 +162,8 @@ def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.
         md_, mk_, mv_ = f32(medium_decay), f32(mk), f32(mv)
     else:
         md_ = mk_ = mv_ = empty
-    y, aaT, bbT, ppT, maT, mbT, mpT = _WKVRetro.apply(
-        int(interval), phase, f32(time_decay), f32(time_first), kk, vv, md_, mk_, mv_, *st)
+    y, aaT, bbT, ppT, maT, mbT, mpT, _cs, _ms = torch.ops.rrwkv.wkv_forward(
+        f32(time_decay), f32(time_first), kk, vv, md_, mk_, mv_, *st, int(interval), phase)
     if interval > 0:
         new = WKVState(aaT, bbT, ppT, maT, mbT, mpT, (phase + T) % interval)
     else:

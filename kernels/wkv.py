@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import cuda as _cuda   # the CUDA backend; its extension is built on first use, not on import
 from .reference import wkv_retro_reference
 from .state import WKVState, num_mediums
 
@@ -44,7 +45,8 @@ def wkv_retro(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tenso
         if mk.shape != (B, J, C) or mv.shape != (B, J, C):
             raise ValueError(f"wkv_retro: mk and mv must be (B, J, C) = {(B, J, C)} for phase {phase}, "
                              f"T {T}, interval {interval}; got {tuple(mk.shape)} and {tuple(mv.shape)}")
-    if k.is_cuda and _CUDA_ENABLED:
-        from . import cuda as _cuda  # compiled on first use
+    if (k.is_cuda and _CUDA_ENABLED) or (k.device.type == "cpu" and torch.compiler.is_compiling()):
+        # Inside torch.compile the op must be the custom op (a graph without a break); on the CPU that
+        # is the kernels' arithmetic built for the host (kernels.build.load_wkv_host_extension).
         return _cuda.wkv_retro_cuda(time_decay, time_first, k, v, medium_decay, mk, mv, interval, state)
     return wkv_retro_reference(time_decay, time_first, k, v, medium_decay, mk, mv, interval, state)

@@ -1,13 +1,16 @@
-"""torch.compile of everything in a block but the WKV op (`model.compile: true`).
+"""torch.compile of every block, WKV op included, as one graph (`model.compile: true`).
 
-Each Block runs as two regions around the WKV op (pretrain/model.py, `before_wkv` and
-`after_wkv`): layer norms, token shift and mixes, the k/v/r projections, squeeze and excitation
-of the mediums; then the output projection, residuals, channel-mix with its squared ReLU and
-excitation gate. Those two functions are compiled once (`fullgraph=True`: a graph break is an
-error, not a silent fall-back to eager) and shared by every block, so a model of any depth compiles
-two graphs (four with their backward); the WKV op stays an eager call between them, so the CUDA
-kernel, its autograd and its build cache are untouched. A block with a carried state (chunked
-evaluation, generation) runs eagerly.
+`Block.run` (pretrain/model.py) is the whole block after layer 0's ln0: layer norms, token shift
+and mixes, the k/v/r projections, squeeze and excitation of the mediums, the WKV op, the output
+projection, residuals, channel-mix with its squared ReLU and excitation gate. It is compiled once
+(`fullgraph=True`: a graph break is an error, not a silent fall-back to eager) and shared by every
+block, so a model of any depth compiles one graph (two with its backward). The WKV op enters the
+graph as the torch.library custom ops `rrwkv::wkv_forward` / `rrwkv::wkv_backward`
+(kernels/cuda.py): inductor calls the CUDA kernel as it is, with its own autograd formula and build
+cache, and fuses the elementwise work on both sides of it (on the CPU the op is the kernels'
+arithmetic built for the host). One graph a block instead of two regions around an eager op halves
+the compiled calls (each a Python wrapper on the host) of a step. A block with a carried state
+(chunked evaluation, generation) runs eagerly.
 
 Under ZeRO-3 each Block is one ZeRO-3 "leaf" module (pretrain/engine.py): its parameters are
 gathered together when the block starts, so no DeepSpeed hook (a graph break) runs inside a
@@ -19,16 +22,15 @@ import torch
 
 from .model import Block
 
-_regions = None
+_compiled = None
 
 
-def compiled_regions():
-    """The compiled (before_wkv, after_wkv) pair, made on first use (compilation itself is lazy)."""
-    global _regions
-    if _regions is None:
-        _regions = (torch.compile(Block.before_wkv, fullgraph=True),
-                    torch.compile(Block.after_wkv, fullgraph=True))
-    return _regions
+def compiled_block():
+    """The compiled Block.run, made on first use (compilation itself is lazy)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(Block.run, fullgraph=True)
+    return _compiled
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
@@ -37,10 +39,10 @@ def compile_blocks(model: torch.nn.Module) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, Block):
-            m.compiled = compiled_regions()
+            m.compiled = compiled_block()
             n += 1
-    # The blocks share the two graphs (Dynamo inlines the module calls and guards on what they
-    # hold, not on which block it is: 12 blocks, 2 graphs on torch 2.13). Should a torch version
+    # The blocks share the graph (Dynamo inlines the module calls and guards on what they hold, not
+    # on which block it is: 12 blocks, 1 graph on torch 2.13). Should a torch version
     # guard each block apart, let it compile them all rather than fall back to eager after its
     # default 8 entries.
     import torch._dynamo.config as dynamo

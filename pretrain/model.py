@@ -235,21 +235,26 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
-        self.compiled = None   # (before_wkv, after_wkv) compiled by pretrain/compile.py, or None: eager
+        self.compiled = None   # Block.run compiled by pretrain/compile.py, or None: eager
 
     def forward(self, x: torch.Tensor, st: Optional[LayerState] = None):
         """x: (B, T, C) -> (B, T, C) and this layer's new state."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        before, after = (Block.before_wkv, Block.after_wkv) if self.compiled is None or st is not None \
-            else self.compiled
-        k, v, r, mk, mv, att_x, att_sum = before(self, x, st)
+        if self.compiled is not None and st is None:
+            return self.compiled(self, x, None)
+        return self.run(x, st)
+
+    def run(self, x: torch.Tensor, st: Optional[LayerState]):
+        """The block after ln0: time-mix around the WKV op, then channel-mix. pretrain/compile.py compiles
+        this whole function, WKV op included (a torch.library custom op on CUDA), into one graph that every
+        block shares (it reads nothing that differs between blocks, such as layer_id)."""
+        k, v, r, mk, mv, att_x, att_sum = self.before_wkv(x, st)
         y, wkv = self.att.wkv(k, v, mk, mv, st)
-        x, ffn_x, ffn_sum, gate = after(self, x, r, y, st)
+        x, ffn_x, ffn_sum, gate = self.after_wkv(x, r, y, st)
         return x, LayerState(att_x, ffn_x, wkv, att_sum, ffn_sum, gate)
 
-    # The block in two regions around the WKV op, so that everything but the kernel can be compiled
-    # (pretrain/compile.py sets `compiled`; with a carried state the block always runs eagerly).
+    # The two halves of time-mix and channel-mix around the WKV op.
     def before_wkv(self, x: torch.Tensor, st: Optional[LayerState]):
         h = self.ln1(x)
         k, v, r, mk, mv, att_sum = self.att.project(h, st)

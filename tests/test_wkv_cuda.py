@@ -290,3 +290,29 @@ def test_another_source_version_is_loaded_beside_the_current_one(tmp_path, monke
     assert torch.equal(y0, y1)                                   # the same arithmetic, built twice
     monkeypatch.delenv("RRWKV_WKV_CSRC")
     assert kc._ext(torch.float32, torch.device("cpu")) is current
+
+
+@pytest.mark.parametrize("s,phases", [(0, [0]), (16, [0, 5, 15]), (64, [0, 63]), (100, [0, 37, 99]),
+                                      (200, [0, 64, 130, 199])])
+def test_custom_op_shapes_and_registration(s, phases, dev):
+    """rrwkv::wkv_forward / wkv_backward, the custom ops torch.compile traces (pretrain/compile.py): the
+    shape functions (kernels.cuda.geometry) give the shapes the built op returns, for chunk starts in
+    mid-segment and lengths that are no multiple of the interval or the chunk; torch.library.opcheck
+    checks the registration (schema, shape functions, autograd, torch.compile's dispatch)."""
+    if dev == "cuda":
+        poison_allocator(dev)
+    C = 40
+    for T, phase in [(T, p) for T in (1, 63, 64, 65, 200, 517) for p in phases]:
+        p, st = draw(2, T, C, s, phase, seed=T * 1000 + phase + s, dtype=torch.float32, dev=dev)
+        f32 = lambda t: t.float().contiguous()  # noqa: E731
+        e = p["k"].new_empty(0, dtype=torch.float32)
+        sts = [f32(t) for t in (st.aa, st.bb, st.pp)] + ([f32(t) for t in (st.ma, st.mb, st.mp)] if s else [e] * 3)
+        med = [f32(p["md"]), f32(p["mk"]), f32(p["mv"])] if s else [e] * 3
+        args = [f32(p["td"]), f32(p["tf"]), f32(p["k"]), f32(p["v"])] + med + sts
+        out = torch.ops.rrwkv.wkv_forward(*args, s, phase)
+        NC, J = kc.geometry(T, s, phase)
+        assert out[7].shape == (3, 2, NC, C) and out[8].shape == (3, 2, J, C), (T, s, phase)
+        if T in (65, 517):   # opcheck runs the op many ways: a few shapes suffice
+            for t in args[:7]:
+                t.requires_grad_(t.numel() > 0)
+            torch.library.opcheck(torch.ops.rrwkv.wkv_forward.default, (*args, s, phase))
