@@ -146,12 +146,21 @@ WKV_DEV void dec_add(float& a, float& b, float& pr, float& pn, float w, float st
 }
 
 // Forward quantities of token t given the state before it: m (shared max), den, y.
+// Of the three terms' scale factors e^{p-m}, e^{u+k-m}, e^{mP-m} one is e^0: two exponentials (the
+// smaller of p and u+k against the larger, then that pair against the mediums' mP) instead of three.
 struct TokOut { float m, den, y, eu; };   // eu = exp(u + k - m)
 WKV_DEV TokOut tok_out(float a, float bb, float p, float k, float v, float u, float mA, float mB, float mP) {
   TokOut o;
   const float lu = u + k;
-  o.m = fmaxf(fmaxf(p, lu), mP);
-  const float e1 = ex(p - o.m), e2 = ex(lu - o.m), em = ex(mP - o.m);
+  const float m2 = fmaxf(p, lu);
+  const float e = ex(-fabsf(p - lu));
+  float e1 = p >= lu ? 1.f : e, e2 = p >= lu ? e : 1.f, em;
+  const float f = ex(-fabsf(m2 - mP));
+  if (mP > m2) {
+    e1 *= f; e2 *= f; em = 1.f; o.m = mP;
+  } else {
+    em = f; o.m = m2;
+  }
   const float num = e1 * a + e2 * v + em * mA;
   o.den = e1 * bb + e2 + em * mB;
   o.y = dv(num, o.den);
@@ -289,12 +298,7 @@ struct FwdOut {
     each_token<U, false>(w0, w1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
       M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
       const float pc = cur_p(p, pn, w);
-      const float lu = u + k;
-      const float m = fmaxf(fmaxf(pc, lu), M.mP);
-      const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(M.mP - m);
-      const float num = e1 * a + e2 * v + em * M.mA;
-      const float den = e1 * bb + e2 + em * M.mB;
-      y[(size_t)t * g.C] = from_f(dv(num, den));
+      y[(size_t)t * g.C] = from_f(tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP).y);
       dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
       M.pos++;
     });
