@@ -82,7 +82,10 @@ const char* wkv_dtype_name() {
 
 #define U 8       // forward: tokens whose inputs are read together
 #define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
-#define SB 16     // scans: loads of SB steps issued together
+#define SB 16     // scans: loads of SB steps issued together (the medium backward: 8 loads a step)
+#ifndef SBT
+#define SBT 32    // the forward scans (3 or 2 loads a step; the backward scan kernel has no registers to spare)
+#endif
 
 // The inputs of one channel from token t0 on: element i is at p[i * stride] (a shared-memory tile
 // on the GPU, the (B, T, C) tensor itself on the host).
@@ -233,16 +236,16 @@ WKV_DEV void fwd_scan_tokens(const WkvFwdArgs& A, int b, int c) {
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
   float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG), pn = 0.f;
-  for (int n0 = 0; n0 < g.NC; n0 += SB) {
-    float la[SB], lb[SB], lp[SB];
+  for (int n0 = 0; n0 < g.NC; n0 += SBT) {
+    float la[SBT], lb[SBT], lp[SBT];
     WKV_UNROLL
-    for (int i = 0; i < SB; i++)
+    for (int i = 0; i < SBT; i++)
       if (n0 + i < g.NC) {
         const size_t o = ((size_t)b * g.NC + n0 + i) * g.C + c;
         la[i] = A.loc_a[o]; lb[i] = A.loc_b[o]; lp[i] = A.loc_p[o];
       }
     WKV_UNROLL
-    for (int i = 0; i < SB; i++)
+    for (int i = 0; i < SBT; i++)
       if (n0 + i < g.NC) {
         int t0, t1;
         wkv_chunk_range(g, n0 + i, t0, t1);
@@ -261,16 +264,16 @@ WKV_DEV void fwd_scan_mediums(const WkvFwdArgs& A, int b, int c) {
   const size_t bc = (size_t)b * g.C + c;
   const float wm = ex(A.md[c]);
   float a = ld_or(A.ma, bc, 0.f), bb = ld_or(A.mb, bc, 0.f), p = ld_or(A.mp, bc, WKV_NEG), pn = 0.f;
-  for (int r0 = 0; r0 < g.J; r0 += SB) {
-    float kk[SB], vv[SB];
+  for (int r0 = 0; r0 < g.J; r0 += SBT) {
+    float kk[SBT], vv[SBT];
     WKV_UNROLL
-    for (int i = 0; i < SB; i++)
+    for (int i = 0; i < SBT; i++)
       if (r0 + i < g.J) {
         const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
         kk[i] = A.mk[o]; vv[i] = A.mv[o];
       }
     WKV_UNROLL
-    for (int i = 0; i < SB; i++)
+    for (int i = 0; i < SBT; i++)
       if (r0 + i < g.J) {
         const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
         A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
