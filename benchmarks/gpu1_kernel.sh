@@ -35,8 +35,9 @@ step() {   # step NAME SECONDS COMMAND...: run, tee to $R/NAME.txt, record the e
 }
 
 : > "$R/status.txt"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$R/gpu.txt" 2>&1
-cat "$R/gpu.txt"
+# (the device tool brings back at most 8 files: the card goes into status.txt, not a file of its own)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$R/status.txt" 2>&1
+cat "$R/status.txt"
 for d in ${VARIANTS:-}; do   # compile the variants meanwhile (each its own cached build)
   RRWKV_WKV_CSRC=$d "$PY" -c "import torch; from kernels.build import load_wkv_extension as l; l(torch.bfloat16)" \
     > "/tmp/prebuild_$(echo "$d" | tr / _).log" 2>&1 &
@@ -53,5 +54,10 @@ step ncu 150 ncu --clock-control none -k "regex:k_(fwd_local|fwd_out|bwd_local|b
   --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats \
   --section MemoryWorkloadAnalysis --section LaunchStats \
   "$PY" -m kernels.benchmark --steps-only 2 --shapes 4x4096x2048
+# The scans at one long sequence (B=1, T=16384: 64 blocks of 2 warps walk 256 chunks and 256 segments;
+# 0.127 of v9's 0.614 ms there): what bounds them (latency, outstanding loads, issue).
+step ncu_scans 90 ncu --clock-control none -k "regex:k_(fwd|bwd)_scan" --launch-skip 2 --launch-count 2 \
+  --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+  "$PY" -m kernels.benchmark --steps-only 2 --shapes 1x16384x2048
 step compile_times 120 "$PY" -m kernels.benchmark --compile-times --cache-dir "/tmp/rrwkv-kernels-cold-$$"
 cat "$R/status.txt"
