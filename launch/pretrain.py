@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import checkpoint, faults  # noqa: E402
 from pretrain import run as R  # noqa: E402
-from pretrain.engine import all_reduce_sum, batch_layout, build_engine, current_lr, evaluate, train_step  # noqa: E402,E501
+from pretrain.engine import (all_reduce_sum, batch_layout, build_engine, current_lr, deepspeed_config,  # noqa: E402
+                             evaluate, train_step)
 from pretrain.metrics import MetricsLogger, StepTimer, device_peak, flops_per_token  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main(argv):
         batches.load_state_dict(checkpoint.merged_lanes(client))
         checkpoint.set_rng_state(client["mine"]["rng"])
     step, tokens = client["step"], client["tokens"]
-    R.write_run_files(cfg, out, dist, resumed_at=step)
+    R.write_run_files(cfg, out, dist, resumed_at=step, deepspeed=deepspeed_config(cfg, layout, dist.device))
     log = MetricsLogger(out, cfg, cfg.train.max_steps, step, dist.is_main, client.get("wandb_id"))
     peak, peak_name = device_peak(dist.device, cfg.train.peak_tflops)
     flops = flops_per_token(R.model_config(cfg))

@@ -94,6 +94,10 @@ class ParallelSection:
     prefetch_bucket_size: int = 50_000_000  # ZeRO-3: elements of parameters fetched ahead of their use
     timeout_minutes: float = 30.0        # collective operations time out after this
     stall_timeout_s: float = 900.0       # report a rank whose step has not advanced for this long (0: off)
+    # Merged last into the DeepSpeed config that pretrain/engine.py builds (e.g.
+    # parallel.deepspeed.bf16.immediate_grad_update=true); the keys this config sets elsewhere (batch
+    # sizes, precision, ZeRO stage) are refused there with the key to use instead.
+    deepspeed: Any = field(default_factory=dict)
 
 
 @dataclass
@@ -152,7 +156,8 @@ def _check_keys(cfg: DictConfig, source: str) -> None:
     valid = set(_schema_keys())
     sections = {k.split(".")[0] for k in valid} | {k.rsplit(".", 1)[0] for k in valid}
     for key in _flatten(cfg):
-        if key in valid or key.startswith("data.train") or key.startswith("data.valid"):
+        if key in valid or key == "parallel.deepspeed" or key.startswith(("data.train", "data.valid",
+                                                                           "parallel.deepspeed.")):
             continue
         if key in sections:
             raise ConfigError(f"config key '{key}' in {source} is a section; give its fields instead")
@@ -195,7 +200,38 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"bad value for config key '{key}' in {source}: {msg}") from None
 
 
+# DeepSpeed config keys that other config keys set (and that the rest of the framework relies on):
+# refused under parallel.deepspeed, naming the key to set instead.
+OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size and data.micro_batch_size",
+    "bf16.enabled": "train.precision", "fp16.enabled": "train.precision",
+    "zero_optimization.stage": "parallel.zero_stage", "data_types.grad_accum_dtype": "train.grad_accum_dtype",
+    "gradient_clipping": "optim.grad_clip", "optimizer": "optim.* (lr, betas, eps, weight_decay, fused_adam)",
+    "scheduler": "optim.schedule and its keys",
+}
+
+
+def check_deepspeed_overrides(overrides: Any) -> None:
+    """parallel.deepspeed must be a mapping and must not set what other config keys set."""
+    if not isinstance(overrides, (DictConfig, dict)):
+        raise ConfigError(f"config key 'parallel.deepspeed' must be a mapping of DeepSpeed config keys, got "
+                          f"{overrides!r}; e.g. parallel.deepspeed.bf16.immediate_grad_update=true")
+
+    def walk(node: Any, prefix: str) -> None:
+        for k in node:
+            key = prefix + str(k)
+            if key in OWNED_DEEPSPEED_KEYS:   # the key itself, or (below) a key under it
+                raise ConfigError(f"config key 'parallel.deepspeed.{key}' is set by {OWNED_DEEPSPEED_KEYS[key]}: "
+                                  f"set that instead")
+            if isinstance(node[k], (DictConfig, dict)):
+                walk(node[k], key + ".")
+
+    walk(overrides, "")
+
+
 def validate(cfg: DictConfig) -> None:
+    check_deepspeed_overrides(cfg.parallel.deepspeed)
     for key, choices in CHOICES.items():
         if choices is None:
             continue

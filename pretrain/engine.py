@@ -12,9 +12,9 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .config import ConfigError, check_deepspeed_overrides
 from .schedule import lr_factor
 
 # Parameters RWKV-4 trains without weight decay and with larger learning rates.
@@ -104,6 +104,25 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
     }
     if prec == "bf16":
         ds["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}
+    return merge_deepspeed_overrides(ds, cfg.parallel.deepspeed)
+
+
+def merge_deepspeed_overrides(ds: Dict, overrides) -> Dict:
+    """`ds` with parallel.deepspeed merged in (nested mappings merged key by key, other values replace)."""
+    if overrides is None:
+        return ds
+    check_deepspeed_overrides(overrides)
+    if isinstance(overrides, DictConfig):
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+
+    def merge(into: Dict, new: Dict) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    merge(ds, overrides)
     return ds
 
 

@@ -240,11 +240,16 @@ def read_weights(model_cfg, model_dir: Path) -> Dict[str, torch.Tensor]:
 
 # ---- run files and odds ----
 
-def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, resumed_at: int) -> None:
+def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, resumed_at: int,
+                    deepspeed: Optional[Dict] = None) -> None:
+    """config.yaml, the DeepSpeed config the engine was given (deepspeed_config.json) and a line of
+    runs.jsonl per start."""
     if not d.is_main:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "config.yaml", to_yaml(cfg))
+    if deepspeed is not None:
+        write_atomic(out_dir / "deepspeed_config.json", json.dumps(deepspeed, indent=1) + "\n")
     meta = dict(run_metadata(ROOT), world_size=d.world_size, device=str(d.device), resumed_at_step=resumed_at,
                 argv=sys.argv)
     with (out_dir / "runs.jsonl").open("a") as f:     # one line per start (first run and every resume)

@@ -85,6 +85,8 @@ def test_single_process_trains_and_resumes_exactly(tmp_path, cache_dir):
     (["data.train=/nonexistent/shards"], "data.train: data source /nonexistent/shards not found"),
     (["model.vocab_size=1000", "data.train={train}", "data.valid=null"], "use a vocabulary of 2048 tokens but the model has only 1000; set model.vocab_size >= 2048"),
     (["train.precision=fp8"], "choose one of bf16, fp16, fp32"),
+    (["parallel.deepspeed.train_micro_batch_size_per_gpu=4"],
+     "config key 'parallel.deepspeed.train_micro_batch_size_per_gpu' is set by data.micro_batch_size: set that instead"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, cache_dir, extra, message):
     from data_tools.builtin import prepare_builtin_corpus
@@ -119,3 +121,19 @@ def test_a_truncated_shard_is_counted_in_the_metrics_and_training_goes_on(tmp_pa
     assert shard.name in p.stderr                                            # warned by name
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and rows[-1]["corrupt_shards"] >= 1
+
+
+def test_deepspeed_overrides_reach_the_engine(tmp_path, cache_dir):
+    # parallel.deepspeed.* is merged into the DeepSpeed config the engine is given (written to
+    # deepspeed_config.json): here ZeRO-1 in bf16 with DeepSpeed's per-parameter gradient hooks
+    # (bf16.immediate_grad_update) and a smaller reduce bucket; the run trains as usual.
+    out = tmp_path / "out"
+    p = run(pretrain_cmd(out, cache_dir, ["train.max_steps=4", "train.precision=bf16", "parallel.zero_stage=1",
+                                          "parallel.deepspeed.bf16.immediate_grad_update=true",
+                                          "parallel.deepspeed.zero_optimization.reduce_bucket_size=1000000"]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ds = json.loads((out / "deepspeed_config.json").read_text())
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000000 and ds["zero_optimization"]["stage"] == 1
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]

@@ -82,7 +82,7 @@ const char* wkv_dtype_name() {
 
 #define U 8       // forward: tokens whose inputs are read together
 #define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
-#define SB 16     // scans: loads of SB steps issued together (the medium backward: 8 loads a step)
+#define SB 12     // scans: loads of SB steps issued together (the medium backward: 8 loads a step; 16 spills)
 #ifndef SBT
 #define SBT 16    // the forward scans (3 or 2 loads a step)
 #endif
