@@ -167,8 +167,16 @@ __global__ void __launch_bounds__(NTHREADS, WKV_MINB_FWD_OUT) k_fwd_out(WkvFwdAr
                         [&](int w0, int w1, Col K, Col V, Col G) { S.run(A, b, c, w0, w1, K, V); });
 }
 
-static void set_smem(const void* fn, int bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+// Let two kernels take `bytes` of dynamic shared memory where that is above the default 48 KiB, once
+// per device (the attribute is per device; `done` is the calling launch's flag per device).
+static void set_smem(bool (&done)[256], const void* fa, const void* fb, int bytes) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const bool known = dev >= 0 && dev < 256;
+  if (known && done[dev]) return;
+  if (bytes > 48 * 1024)
+    for (const void* fn : {fa, fb}) cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (known) done[dev] = true;
 }
 
 cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
@@ -176,14 +184,8 @@ cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
   dim3 blk(NTHREADS);
   dim3 grid_chunks((g.C + NTHREADS - 1) / NTHREADS, g.NC, g.B);
   const int sm2 = smem_bytes<2>();
-  static bool attr[256] = {};   // the attribute is per device
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 256 || !attr[dev]) {
-    set_smem((const void*)k_fwd_local, sm2);
-    set_smem((const void*)k_fwd_out, sm2);
-    if (dev >= 0 && dev < 256) attr[dev] = true;
-  }
+  static bool done[256] = {};
+  set_smem(done, (const void*)k_fwd_local, (const void*)k_fwd_out, sm2);
   k_fwd_local<<<grid_chunks, blk, sm2, stream>>>(A);
   launch_scans(A, stream, k_fwd_gsum, k_fwd_gscan, k_fwd_scan);
   k_fwd_out<<<grid_chunks, blk, sm2, stream>>>(A);
@@ -249,14 +251,8 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   const int cb = (g.C + NTHREADS - 1) / NTHREADS;
   dim3 grid_chunks(cb, g.NC, g.B);
   const int sm3 = smem_bytes<3>();
-  static bool attr[256] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 256 || !attr[dev]) {
-    set_smem((const void*)k_bwd_local, sm3);
-    set_smem((const void*)k_bwd_out, sm3);
-    if (dev >= 0 && dev < 256) attr[dev] = true;
-  }
+  static bool done[256] = {};
+  set_smem(done, (const void*)k_bwd_local, (const void*)k_bwd_out, sm3);
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
   launch_scans(A, stream, k_bwd_gsum, k_bwd_gscan, k_bwd_scan);
   k_bwd_out<<<grid_chunks, blk, sm3, stream>>>(A);
