@@ -33,15 +33,4 @@ if [ "$TINY" != 1 ]; then
   timeout 150 python3 benchmarks/profile_model.py --layers 24 --steps 2 --top 8 2>&1 | grep -v -i warn \
     | tee "$OUT/1b5_diag_d_bare.txt"
 fi
-for f in "$OUT"/1b5_diag_*.json; do
-  python3 - "$f" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for name, r in d["results"].items():
-    if isinstance(r, dict) and "seconds" in r:
-        s = r["seconds"]
-        print(f"{sys.argv[1].rsplit('/', 1)[-1]:34} {name:18} {r['tokens_per_s']:8.0f} tok/s  fwd {s['forward']:.3f} "
-              f"bwd {s['backward']:.3f} opt {s['optimizer']:.3f}  mem {r['mem_gb']:.1f} GB, reserved "
-              f"{max(r.get('mem_reserved_gb_per_rank', [0])):.1f} GB, alloc retries {max(r.get('alloc_retries_per_rank', [0]))}")
-PY
-done
+summarize "$OUT"/1b5_diag_*.json

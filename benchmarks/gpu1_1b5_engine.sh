@@ -23,14 +23,4 @@ bench 1b5_eng_e_compiled 1 --also-compiled --warmup 2 --steps 4 --phase-steps 2 
 bench 1b5_eng_f_zero1 1 --no-sdpa --warmup 2 --steps 4 --phase-steps 2 "${args[@]}" parallel.zero_stage=1
 bench 1b5_eng_g_bf16acc 1 --no-sdpa --warmup 2 --steps 4 --phase-steps 2 "${args[@]}" parallel.zero_stage=2 \
   train.grad_accum_dtype=bf16
-for f in "$OUT"/1b5_eng_*.json; do
-  python3 - "$f" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for name, r in d["results"].items():
-    if isinstance(r, dict) and "seconds" in r:
-        s = r["seconds"]
-        print(f"{sys.argv[1].rsplit('/', 1)[-1]:26} {name:26} {r['tokens_per_s']:8.0f} tok/s  MFU {r.get('mfu', 0):.3f}  "
-              f"fwd {s['forward']:.3f} bwd {s['backward']:.3f} opt {s['optimizer']:.3f}  mem {r['mem_gb']:.1f} GB")
-PY
-done
+summarize "$OUT"/1b5_eng_*.json

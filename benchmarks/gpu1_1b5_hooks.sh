@@ -24,14 +24,4 @@ bench 1b5_hooks_f 1 "${opts[@]}" "${args[@]}"
 bench 1b5_hooks_h 1 --no-sdpa "${opts[@]}" "${args[@]}" parallel.deepspeed.bf16.immediate_grad_update=true
 bench 1b5_hooks_i 1 --no-sdpa "${opts[@]}" "${args[@]}" train.grad_accum_dtype=bf16 \
   parallel.deepspeed.zero_optimization.overlap_comm=false parallel.deepspeed.zero_optimization.contiguous_gradients=false
-for f in "$OUT"/1b5_hooks_*.json; do
-  python3 - "$f" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for name, r in d["results"].items():
-    if isinstance(r, dict) and "seconds" in r:
-        s = r["seconds"]
-        print(f"{sys.argv[1].rsplit('/', 1)[-1]:20} {name:18} {r['tokens_per_s']:8.0f} tok/s  MFU {r.get('mfu', 0):.3f}  "
-              f"fwd {s['forward']:.3f} bwd {s['backward']:.3f} opt {s['optimizer']:.3f}  mem {r['mem_gb']:.1f} GB")
-PY
-done
+summarize "$OUT"/1b5_hooks_*.json

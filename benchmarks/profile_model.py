@@ -2,7 +2,7 @@
 """Where a training step's GPU time goes: per-kernel device time of one forward + backward of RRWKV and
 of the equal-parameter SDPA transformer (bf16 weights, random tokens, no optimizer, no DeepSpeed).
 
-    python benchmarks/profile_model.py --layers 4 --width 2048 --batch 2 --seq 4096 --interval 64
+    python benchmarks/profile_model.py --layers 4 --width 2048 --batch 2 --seq 4096 --interval 64 [--compile]
 
 Prints, per model, the synchronized forward and backward milliseconds (median of --steps) and the
 kernels that take the most device time, grouped by name, per forward + backward. Beside
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pretrain.baseline import SDPATransformer  # noqa: E402
+from pretrain.compile import compile_blocks  # noqa: E402
 from pretrain.engine import lm_loss  # noqa: E402
 from pretrain.model import RRWKV, RRWKVConfig  # noqa: E402
 from pretrain.profiling import profile_table  # noqa: E402
@@ -52,6 +53,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also profile each model with its blocks compiled (model.compile=true's regions)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: profile_model.py needs a CUDA GPU")
@@ -63,10 +66,14 @@ def main():
     models = [("rrwkv", lambda: RRWKV(cfg, init_seed=0))]
     if not a.no_sdpa:
         models.append(("sdpa_transformer", lambda: SDPATransformer(a.vocab, a.layers, a.width)))
+    if a.compile:
+        models += [(name + "_compiled", make) for name, make in models]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}: {a.layers} layers x {a.width}, "
           f"vocab {a.vocab}, batch {a.batch} x {a.seq}, interval {a.interval}, bf16 weights")
     for name, make in models:
         model = make().to(device=dev, dtype=torch.bfloat16).train()
+        if name.endswith("_compiled"):
+            compile_blocks(model) if isinstance(model, RRWKV) else model.compile_blocks()
         timed_passes(model, idx, 2)                       # warm-up: kernel build, allocator, autotune
         f, b = timed_passes(model, idx, a.steps)
         print(f"{name}: forward {f:.2f} ms, backward {b:.2f} ms (backward / forward {b / f:.2f})", flush=True)

@@ -88,6 +88,22 @@ measure() {
   bench "$name" "$n" "${opts[@]}" "$@"
 }
 
+# summarize FILE.json...: one line per model of each launch/benchmark.py result: tokens/s, MFU, the
+# synchronized phases, peak allocated and reserved memory, allocator retries.
+summarize() {
+  python3 - "$@" <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    for name, r in json.load(open(path))["results"].items():
+        if isinstance(r, dict) and "seconds" in r:
+            s = r["seconds"]
+            print(f"{path.rsplit('/', 1)[-1]:26} {name:26} {r['tokens_per_s']:8.0f} tok/s  MFU {r.get('mfu', 0):.3f}  "
+                  f"fwd {s['forward']:.3f} bwd {s['backward']:.3f} opt {s['optimizer']:.3f}  mem {r['mem_gb']:.1f} GB, "
+                  f"reserved {max(r.get('mem_reserved_gb_per_rank', [0])):.1f} GB, "
+                  f"alloc retries {max(r.get('alloc_retries_per_rank', [0]))}")
+PY
+}
+
 # oom NAME: did run NAME stop for lack of GPU memory?
 oom() {
   grep -qiE "out of memory|OutOfMemoryError" "$OUT/$1.log" 2>/dev/null || \

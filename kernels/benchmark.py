@@ -45,6 +45,12 @@ def time_fn(fn, sets, warmup=5, rep=30):
     return statistics.median(times)
 
 
+def device_us(ev):
+    """A profiler event's own device time in microseconds (self_cuda_time_total before torch 2.4)."""
+    t = getattr(ev, "self_device_time_total", None)
+    return t if t is not None else getattr(ev, "self_cuda_time_total", 0)
+
+
 def kernel_times(step, sets, steps=5):
     """Device milliseconds per step of each of this op's own CUDA kernels (names k_*), from
     torch.profiler: what the GPU spends in the WKV kernels themselves, without the host-side launch
@@ -60,8 +66,7 @@ def kernel_times(step, sets, steps=5):
     out = {}
     for ev in p.key_averages():
         if ev.key.startswith("k_"):
-            t = getattr(ev, "self_device_time_total", None)
-            out[ev.key.split("(")[0]] = (t if t is not None else getattr(ev, "self_cuda_time_total", 0)) / steps / 1e3
+            out[ev.key.split("(")[0]] = device_us(ev) / steps / 1e3
     return out
 
 
@@ -275,9 +280,7 @@ def profile(shapes, dtype, interval, steps=5):
             torch.cuda.synchronize()
         rows = []
         for ev in p.key_averages():
-            t = getattr(ev, "self_device_time_total", None)
-            if t is None:
-                t = getattr(ev, "self_cuda_time_total", 0)
+            t = device_us(ev)
             if t > 0:
                 rows.append((t / steps, ev.count // steps, ev.key))
         rows.sort(reverse=True)

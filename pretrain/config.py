@@ -95,8 +95,8 @@ class ParallelSection:
     timeout_minutes: float = 30.0        # collective operations time out after this
     stall_timeout_s: float = 900.0       # report a rank whose step has not advanced for this long (0: off)
     # Merged last into the DeepSpeed config that pretrain/engine.py builds (e.g.
-    # parallel.deepspeed.bf16.immediate_grad_update=true); the keys this config sets elsewhere (batch
-    # sizes, precision, ZeRO stage) are refused there with the key to use instead.
+    # parallel.deepspeed.bf16.immediate_grad_update=true); DeepSpeed keys that other keys here set
+    # (OWNED_DEEPSPEED_KEYS) are refused when the config is loaded, naming the key to use instead.
     deepspeed: Any = field(default_factory=dict)
 
 
@@ -221,7 +221,7 @@ def check_deepspeed_overrides(overrides: Any) -> None:
     def walk(node: Any, prefix: str) -> None:
         for k in node:
             key = prefix + str(k)
-            if key in OWNED_DEEPSPEED_KEYS:   # the key itself, or (below) a key under it
+            if key in OWNED_DEEPSPEED_KEYS:   # owning a key owns everything under it
                 raise ConfigError(f"config key 'parallel.deepspeed.{key}' is set by {OWNED_DEEPSPEED_KEYS[key]}: "
                                   f"set that instead")
             if isinstance(node[k], (DictConfig, dict)):
