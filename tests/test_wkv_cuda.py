@@ -136,6 +136,11 @@ CASES = [
     (1, 1, 5, 3, None, torch.float32),
     (1, 16384, 48, 64, None, torch.float32),           # long sequence
     (1, 16384, 48, 64, 21, torch.bfloat16),
+    # two-level scans (256 chunks, wkv.h WKV_GROUP_MIN): without mediums, with segments split in
+    # pieces (164 segments), and with several token groups but one medium group (64 segments)
+    (1, 16384, 16, 0, 0, torch.float32),
+    (1, 16384, 16, 100, 37, torch.float32),
+    (2, 16384, 16, 256, None, torch.float32),
     (2, 1000, 96, 64, 3, torch.bfloat16),
     (2, 1000, 96, 0, 0, torch.bfloat16),
     (2, 513, 70, 48, 47, torch.float16),

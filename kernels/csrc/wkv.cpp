@@ -83,6 +83,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, 
   at::Tensor cs = at::empty({3, B, g.NC, C}, f32);
   at::Tensor ms = at::empty({3, B, Jm, C}, f32);
   at::Tensor loc = at::empty({3, B, g.NC, C}, f32);
+  at::Tensor tg = at::empty({3, B, g.NG, C}, f32), mg = at::empty({3, B, g.NGM, C}, f32);
   WkvFwdArgs A;
   A.g = g;
   A.td = fp(td); A.tf = fp(tf); A.md = interval > 0 ? fp(md) : nullptr;
@@ -95,6 +96,8 @@ std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, 
   A.cs_a = fp(cs[0]); A.cs_b = fp(cs[1]); A.cs_p = fp(cs[2]);
   A.ms_a = Jm ? fp(ms[0]) : nullptr; A.ms_b = Jm ? fp(ms[1]) : nullptr; A.ms_p = Jm ? fp(ms[2]) : nullptr;
   A.loc_a = fp(loc[0]); A.loc_b = fp(loc[1]); A.loc_p = fp(loc[2]);
+  A.tg_a = fp(tg[0]); A.tg_b = fp(tg[1]); A.tg_p = fp(tg[2]);
+  A.mg_a = fp(mg[0]); A.mg_b = fp(mg[1]); A.mg_p = fp(mg[2]);
 #ifdef WKV_HOST
   wkv_forward_host(A);
 #else
@@ -138,7 +141,8 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   at::Tensor rr = at::empty({3, B, g.NC, C}, f32);
   at::Tensor ss = at::empty({3, B, interval > 0 ? g.npiece : 0, C}, f32);
   at::Tensor pwu = at::empty({2, B, g.NC, C}, f32);
-  at::Tensor pwm = at::empty({B, C}, f32);
+  at::Tensor pwm = at::empty({B, g.NGM, C}, f32);
+  at::Tensor tg = at::empty({3, B, g.NG, C}, f32), mg = at::empty({3, B, g.NGM, C}, f32);
   at::Tensor ssub = at::empty({3, B, (int64_t)g.NC * (WKV_CH / WKV_SUB), C}, f32);
   WkvBwdArgs A;
   A.g = g;
@@ -162,6 +166,8 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   A.s_a = med ? fp(ss[0]) : nullptr; A.s_b = med ? fp(ss[1]) : nullptr; A.s_p = med ? fp(ss[2]) : nullptr;
   A.ss_a = fp(ssub[0]); A.ss_b = fp(ssub[1]); A.ss_p = fp(ssub[2]);
   A.pw = fp(pwu[0]); A.pu = fp(pwu[1]); A.pwm = fp(pwm);
+  A.tg_a = fp(tg[0]); A.tg_b = fp(tg[1]); A.tg_p = fp(tg[2]);
+  A.mg_a = fp(mg[0]); A.mg_b = fp(mg[1]); A.mg_p = fp(mg[2]);
 #ifdef WKV_HOST
   wkv_backward_host(A);
 #else

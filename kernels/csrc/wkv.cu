@@ -103,11 +103,33 @@ __device__ __forceinline__ void each_window(const WkvGeo& g, const void* x0, con
   int t0, t1;                                                                           \
   wkv_chunk_range(A.g, n, t0, t1);
 
-// The scans: threadIdx.y 0 scans the token states over the chunks, threadIdx.y 1 runs the medium
-// recurrence (independent of each other), for NSCAN channels per block.
+// The scans (phases A, B, C of wkv_algo.h): threadIdx.y 0 works on the token states, threadIdx.y 1
+// on the medium states (independent of each other), for NSCAN channels per block; blockIdx.y is
+// the group in phases A and C.
 #define SCAN_THREAD                                                                       \
   const int c = blockIdx.x * NSCAN + threadIdx.x;                                       \
-  if (c >= A.g.C) return;
+  if (c >= A.g.C) return;                                                               \
+  const bool tok = threadIdx.y == 0, med = threadIdx.y == 1 && A.g.s > 0;               \
+  const int grp = blockIdx.y, b = blockIdx.z;
+#define SCAN_THREAD_B                                                                     \
+  const int c = blockIdx.x * NSCAN + threadIdx.x;                                       \
+  if (c >= A.g.C) return;                                                               \
+  const bool tok = threadIdx.y == 0, med = threadIdx.y == 1 && A.g.s > 0;               \
+  const int b = blockIdx.y;
+
+// Launches phases A and B (only where a sequence has several groups) and C of a scan.
+template <class Args>
+static void launch_scans(const Args& A, cudaStream_t stream, void (*ka)(Args), void (*kb)(Args), void (*kc)(Args)) {
+  const WkvGeo& g = A.g;
+  const int cb = (g.C + NSCAN - 1) / NSCAN;
+  const dim3 blk(NSCAN, g.s > 0 ? 2 : 1);
+  const int ngm = g.s > 0 ? g.NGM : 0;
+  if (g.NG > 1 || ngm > 1) {
+    ka<<<dim3(cb, wkv_max(g.NG, ngm), g.B), blk, 0, stream>>>(A);
+    kb<<<dim3(cb, g.B), blk, 0, stream>>>(A);
+  }
+  kc<<<dim3(cb, wkv_max(g.NG, ngm), g.B), blk, 0, stream>>>(A);
+}
 
 // ---------------------------------------------------------------- forward
 __global__ void __launch_bounds__(NTHREADS, WKV_MINB_FWD_LOCAL) k_fwd_local(WkvFwdArgs A) {
@@ -119,10 +141,22 @@ __global__ void __launch_bounds__(NTHREADS, WKV_MINB_FWD_LOCAL) k_fwd_local(WkvF
   if (on) S.finish(A, b, n, c);
 }
 
+__global__ void __launch_bounds__(2 * NSCAN) k_fwd_gsum(WkvFwdArgs A) {
+  SCAN_THREAD
+  if (tok && A.g.NG > 1 && grp < A.g.NG) fwd_tokens_group_sum(A, b, grp, c);
+  if (med && A.g.NGM > 1 && grp < A.g.NGM) fwd_mediums_group_sum(A, b, grp, c);
+}
+
+__global__ void __launch_bounds__(2 * NSCAN) k_fwd_gscan(WkvFwdArgs A) {
+  SCAN_THREAD_B
+  if (tok && A.g.NG > 1) fwd_tokens_group_scan(A, b, c);
+  if (med && A.g.NGM > 1) fwd_mediums_group_scan(A, b, c);
+}
+
 __global__ void __launch_bounds__(2 * NSCAN) k_fwd_scan(WkvFwdArgs A) {
   SCAN_THREAD
-  if (threadIdx.y == 0) fwd_scan_tokens(A, blockIdx.y, c);
-  else fwd_scan_mediums(A, blockIdx.y, c);
+  if (tok && grp < A.g.NG) fwd_tokens_chunk_starts(A, b, grp, c);
+  if (med && grp < A.g.NGM) fwd_mediums_starts(A, b, grp, c);
 }
 
 __global__ void __launch_bounds__(NTHREADS, WKV_MINB_FWD_OUT) k_fwd_out(WkvFwdArgs A) {
@@ -133,26 +167,27 @@ __global__ void __launch_bounds__(NTHREADS, WKV_MINB_FWD_OUT) k_fwd_out(WkvFwdAr
                         [&](int w0, int w1, Col K, Col V, Col G) { S.run(A, b, c, w0, w1, K, V); });
 }
 
-static void set_smem(const void* fn, int bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+// Let two kernels take `bytes` of dynamic shared memory where that is above the default 48 KiB, once
+// per device (the attribute is per device; `done` is the calling launch's flag per device).
+static void set_smem(bool (&done)[256], const void* fa, const void* fb, int bytes) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const bool known = dev >= 0 && dev < 256;
+  if (known && done[dev]) return;
+  if (bytes > 48 * 1024)
+    for (const void* fn : {fa, fb}) cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (known) done[dev] = true;
 }
 
 cudaError_t wkv_forward_launch(const WkvFwdArgs& A, cudaStream_t stream) {
   const WkvGeo& g = A.g;
   dim3 blk(NTHREADS);
   dim3 grid_chunks((g.C + NTHREADS - 1) / NTHREADS, g.NC, g.B);
-  dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
   const int sm2 = smem_bytes<2>();
-  static bool attr[256] = {};   // the attribute is per device
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 256 || !attr[dev]) {
-    set_smem((const void*)k_fwd_local, sm2);
-    set_smem((const void*)k_fwd_out, sm2);
-    if (dev >= 0 && dev < 256) attr[dev] = true;
-  }
+  static bool done[256] = {};
+  set_smem(done, (const void*)k_fwd_local, (const void*)k_fwd_out, sm2);
   k_fwd_local<<<grid_chunks, blk, sm2, stream>>>(A);
-  k_fwd_scan<<<grid_scan, dim3(NSCAN, g.s > 0 ? 2 : 1), 0, stream>>>(A);
+  launch_scans(A, stream, k_fwd_gsum, k_fwd_gscan, k_fwd_scan);
   k_fwd_out<<<grid_chunks, blk, sm2, stream>>>(A);
   return cudaGetLastError();
 }
@@ -167,10 +202,22 @@ __global__ void __launch_bounds__(NTHREADS, WKV_MINB_BWD_LOCAL) k_bwd_local(WkvB
   if (on) S.finish(A, b, n, c);
 }
 
+__global__ void __launch_bounds__(2 * NSCAN) k_bwd_gsum(WkvBwdArgs A) {
+  SCAN_THREAD
+  if (tok && A.g.NG > 1 && grp < A.g.NG) bwd_tokens_group_sum(A, b, grp, c);
+  if (med && A.g.NGM > 1 && grp < A.g.NGM) bwd_mediums_group_sum(A, b, grp, c);
+}
+
+__global__ void __launch_bounds__(2 * NSCAN) k_bwd_gscan(WkvBwdArgs A) {
+  SCAN_THREAD_B
+  if (tok && A.g.NG > 1) bwd_tokens_group_scan(A, b, c);
+  if (med && A.g.NGM > 1) bwd_mediums_group_scan(A, b, c);
+}
+
 __global__ void __launch_bounds__(2 * NSCAN) k_bwd_scan(WkvBwdArgs A) {
   SCAN_THREAD
-  if (threadIdx.y == 0) bwd_scan_tokens(A, blockIdx.y, c);
-  else bwd_scan_mediums(A, blockIdx.y, c);
+  if (tok && grp < A.g.NG) bwd_tokens_chunk_ends(A, b, grp, c);
+  if (med && grp < A.g.NGM) bwd_mediums_out(A, b, grp, c);
 }
 
 __global__ void __launch_bounds__(NTHREADS, WKV_MINB_BWD_OUT) k_bwd_out(WkvBwdArgs A) {
@@ -203,18 +250,11 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   dim3 blk(NTHREADS);
   const int cb = (g.C + NTHREADS - 1) / NTHREADS;
   dim3 grid_chunks(cb, g.NC, g.B);
-  dim3 grid_scan((g.C + NSCAN - 1) / NSCAN, g.B);
   const int sm3 = smem_bytes<3>();
-  static bool attr[256] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 256 || !attr[dev]) {
-    set_smem((const void*)k_bwd_local, sm3);
-    set_smem((const void*)k_bwd_out, sm3);
-    if (dev >= 0 && dev < 256) attr[dev] = true;
-  }
+  static bool done[256] = {};
+  set_smem(done, (const void*)k_bwd_local, (const void*)k_bwd_out, sm3);
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
-  k_bwd_scan<<<grid_scan, dim3(NSCAN, g.s > 0 ? 2 : 1), 0, stream>>>(A);
+  launch_scans(A, stream, k_bwd_gsum, k_bwd_gscan, k_bwd_scan);
   k_bwd_out<<<grid_chunks, blk, sm3, stream>>>(A);
   k_bwd_reduce<<<dim3((g.C + NSCAN - 1) / NSCAN), dim3(NSCAN, NRED), 0, stream>>>(A);
   return cudaGetLastError();

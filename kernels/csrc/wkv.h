@@ -36,7 +36,14 @@ struct WkvGeo {
   int J;        // number of mediums (segments touched): ceil((phase + T) / s)
   int complete; // segments complete at the end: (phase + T) / s
   int npiece;   // segment-sum pieces written by the backward: J (s <= CH) or NC (s > CH)
+  int GT, NG;   // scans over chunks: chunks per group, groups (NG == 1: one level)
+  int GJ, NGM;  // scans over segments: segments per group, groups (0 without mediums)
 };
+
+// Two-level scans (wkv_algo.h) from WKV_GROUP_MIN chunks (segments) a sequence on, in groups of
+// WKV_GROUP; shorter sequences are scanned in one level.
+#define WKV_GROUP 16
+#define WKV_GROUP_MIN 128
 
 #if defined(__CUDACC__)
 #define WKV_HD __host__ __device__ __forceinline__
@@ -46,6 +53,13 @@ struct WkvGeo {
 
 WKV_HD int wkv_min(int a, int b) { return a < b ? a : b; }
 WKV_HD int wkv_max(int a, int b) { return a > b ? a : b; }
+
+WKV_HD void wkv_set_groups(WkvGeo& g) {
+  g.GT = g.NC >= WKV_GROUP_MIN ? WKV_GROUP : (g.NC > 0 ? g.NC : 1);
+  g.NG = (g.NC + g.GT - 1) / g.GT;
+  g.GJ = g.J >= WKV_GROUP_MIN ? WKV_GROUP : (g.J > 0 ? g.J : 1);
+  g.NGM = (g.J + g.GJ - 1) / g.GJ;
+}
 
 // Token range [t0, t1) of relative chunk n.
 WKV_HD void wkv_chunk_range(const WkvGeo& g, int n, int& t0, int& t1) {
@@ -68,6 +82,7 @@ WKV_HD WkvGeo wkv_make_geo(int B, int T, int C, int s, int phase) {
   if (s == 0) {
     g.L = WKV_CH; g.nsub = 1; g.c_first = 0; g.NC = (T + WKV_CH - 1) / WKV_CH;
     g.J = 0; g.complete = 0; g.npiece = 0;
+    wkv_set_groups(g);
     return g;
   }
   int q_last = g.phase + T - 1;
@@ -85,6 +100,7 @@ WKV_HD WkvGeo wkv_make_geo(int B, int T, int C, int s, int phase) {
     g.NC = j * g.nsub + i - g.c_first + 1;
     g.npiece = g.NC;
   }
+  wkv_set_groups(g);
   return g;
 }
 
@@ -101,6 +117,8 @@ struct WkvFwdArgs {
   float *cs_a, *cs_b, *cs_p;          // (B, NC, C) token state at each chunk start (saved)
   float *ms_a, *ms_b, *ms_p;          // (B, J, C) medium state before each segment (saved)
   float *loc_a, *loc_b, *loc_p;       // (B, NC, C) scratch: chunk-local sums
+  float *tg_a, *tg_b, *tg_p;          // (B, NG, C) scratch: token groups' sums, then start states
+  float *mg_a, *mg_b, *mg_p;          // (B, NGM, C) scratch: medium groups' sums, then start states
 };
 
 struct WkvBwdArgs {
@@ -120,7 +138,9 @@ struct WkvBwdArgs {
   float *r_a, *r_b, *r_p;        // (B, NC, C): chunk-local reverse sums, then the adjoint at each chunk end
   float *s_a, *s_b, *s_p;        // (B, npiece, C): per-segment sums of the output adjoints
   float *pw, *pu;                // (B, NC, C): partial gradients of time_decay, time_first
-  float *pwm;                    // (B, C): partial gradient of medium_decay
+  float *pwm;                    // (B, NGM, C): partial gradients of medium_decay
+  float *tg_a, *tg_b, *tg_p;     // (B, NG, C): token groups' adjoint sums, then adjoints at their ends
+  float *mg_a, *mg_b, *mg_p;     // (B, NGM, C): medium groups' adjoint sums, then adjoints
   float *ss_a, *ss_b, *ss_p;     // (B, NC * CH / SUB, C): token state at each sub-chunk start
 };
 

@@ -82,7 +82,10 @@ const char* wkv_dtype_name() {
 
 #define U 8       // forward: tokens whose inputs are read together
 #define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
-#define SB 16     // scans: loads of SB steps issued together
+#define SB 12     // scans: loads of SB steps issued together (the medium backward: 8 loads a step; 16 spills)
+#ifndef SBT
+#define SBT 16    // the forward scans (3 or 2 loads a step)
+#endif
 
 // The inputs of one channel from token t0 on: element i is at p[i * stride] (a shared-memory tile
 // on the GPU, the (B, T, C) tensor itself on the host).
@@ -146,12 +149,21 @@ WKV_DEV void dec_add(float& a, float& b, float& pr, float& pn, float w, float st
 }
 
 // Forward quantities of token t given the state before it: m (shared max), den, y.
+// Of the three terms' scale factors e^{p-m}, e^{u+k-m}, e^{mP-m} one is e^0: two exponentials (the
+// smaller of p and u+k against the larger, then that pair against the mediums' mP) instead of three.
 struct TokOut { float m, den, y, eu; };   // eu = exp(u + k - m)
 WKV_DEV TokOut tok_out(float a, float bb, float p, float k, float v, float u, float mA, float mB, float mP) {
   TokOut o;
   const float lu = u + k;
-  o.m = fmaxf(fmaxf(p, lu), mP);
-  const float e1 = ex(p - o.m), e2 = ex(lu - o.m), em = ex(mP - o.m);
+  const float m2 = fmaxf(p, lu);
+  const float e = ex(-fabsf(p - lu));
+  float e1 = p >= lu ? 1.f : e, e2 = p >= lu ? e : 1.f, em;
+  const float f = ex(-fabsf(m2 - mP));
+  if (mP > m2) {
+    e1 *= f; e2 *= f; em = 1.f; o.m = mP;
+  } else {
+    em = f; o.m = m2;
+  }
   const float num = e1 * a + e2 * v + em * mA;
   o.den = e1 * bb + e2 + em * mB;
   o.y = dv(num, o.den);
@@ -217,58 +229,157 @@ struct FwdLocal {
   }
 };
 
-// Per (b, c): scan over chunks (the chunk-start states are saved). Loads of SB chunks are issued
-// together (they do not depend on the recurrence).
-WKV_DEV void fwd_scan_tokens(const WkvFwdArgs& A, int b, int c) {
+// ---------------------------------------------------------------- scans over chunks and segments
+// Two levels when a sequence has many chunks (segments): groups of g.GT chunks (g.GJ segments) are
+// summed from zero in parallel (phase A, *_group_sum), a scan over the groups gives each group's
+// start state (phase B, *_group_scan), then each group walks its own chunks (segments) from it
+// (phase C), so that one sequence gives the scans g.NG times the threads and a chain of
+// g.GT + g.NG + g.GT steps instead of g.NC. With one group (g.NG == 1: short sequences) phase C
+// alone walks the whole sequence from the incoming state. The last group also writes the outgoing
+// state (forward); in the backward, group 0 writes the gradient of the incoming state.
+WKV_DEV void group_range(int gi, int per, int total, int& i0, int& i1) {
+  i0 = gi * per;
+  i1 = wkv_min(i0 + per, total);
+}
+WKV_DEV int chunk_len(const WkvGeo& g, int n) {
+  int t0, t1;
+  wkv_chunk_range(g, n, t0, t1);
+  return t1 - t0;
+}
+WKV_DEV int group_len(const WkvGeo& g, int gi) {   // tokens in the chunks of token group gi
+  int n0, n1, t0, t1, u0, u1;
+  group_range(gi, g.GT, g.NC, n0, n1);
+  wkv_chunk_range(g, n0, t0, u0);
+  wkv_chunk_range(g, n1 - 1, u1, t1);
+  return t1 - t0;
+}
+
+// f(i, x) for the rows i of [i0, i1) in order (the last first with REV), x[q] = xs[q][base + i * C]:
+// the loads of SBN rows are issued together (they do not depend on the recurrence in f).
+template <int NA>
+struct Rows { const float* x[NA]; };   // by value, so that the pointers stay in registers
+template <int SBN, bool REV, int NA, class F>
+WKV_DEV void each_row(int i0, int i1, Rows<NA> xs, size_t base, int C, F f) {
+  for (int k0 = 0; k0 < i1 - i0; k0 += SBN) {
+    float x[SBN][NA];
+    WKV_UNROLL
+    for (int j = 0; j < SBN; j++)
+      if (k0 + j < i1 - i0) {
+        const int i = REV ? i1 - 1 - (k0 + j) : i0 + k0 + j;
+        WKV_UNROLL
+        for (int q = 0; q < NA; q++) x[j][q] = xs.x[q][base + (size_t)i * C];
+      }
+    WKV_UNROLL
+    for (int j = 0; j < SBN; j++)
+      if (k0 + j < i1 - i0) f(REV ? i1 - 1 - (k0 + j) : i0 + k0 + j, x[j]);
+  }
+}
+
+// Token states, phase A: group gi's chunk sums composed from zero, into tg_*.
+WKV_DEV void fwd_tokens_group_sum(const WkvFwdArgs& A, int b, int gi, int c) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]);
+  int n0, n1;
+  group_range(gi, g.GT, g.NC, n0, n1);
+  float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
+  const Rows<3> xs{{A.loc_a, A.loc_b, A.loc_p}};
+  each_row<SBT, false, 3>(n0, n1, xs, (size_t)b * g.NC * g.C + c, g.C, [&](int n, const float* x) {
+    dec_add(a, bb, p, pn, w, (float)chunk_len(g, n), x[0], x[1], x[2]);
+  });
+  const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
+  A.tg_a[o] = a; A.tg_b[o] = bb; A.tg_p[o] = cur_p(p, pn, w);
+}
+
+// Token states, phase B (per (b, c)): each group's start state, in place of its sum in tg_*.
+WKV_DEV void fwd_tokens_group_scan(const WkvFwdArgs& A, int b, int c) {
   const WkvGeo& g = A.g;
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
   float a = ld_or(A.aa, bc, 0.f), bb = ld_or(A.bb, bc, 0.f), p = ld_or(A.pp, bc, WKV_NEG), pn = 0.f;
-  for (int n0 = 0; n0 < g.NC; n0 += SB) {
-    float la[SB], lb[SB], lp[SB];
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++)
-      if (n0 + i < g.NC) {
-        const size_t o = ((size_t)b * g.NC + n0 + i) * g.C + c;
-        la[i] = A.loc_a[o]; lb[i] = A.loc_b[o]; lp[i] = A.loc_p[o];
-      }
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++)
-      if (n0 + i < g.NC) {
-        int t0, t1;
-        wkv_chunk_range(g, n0 + i, t0, t1);
-        const size_t o = ((size_t)b * g.NC + n0 + i) * g.C + c;
-        A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = cur_p(p, pn, w);
-        dec_add(a, bb, p, pn, w, (float)(t1 - t0), la[i], lb[i], lp[i]);
-      }
-  }
-  A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = cur_p(p, pn, w);
+  const Rows<3> xs{{A.tg_a, A.tg_b, A.tg_p}};
+  each_row<SB, false, 3>(0, g.NG, xs, (size_t)b * g.NG * g.C + c, g.C, [&](int gi, const float* x) {
+    const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
+    A.tg_a[o] = a; A.tg_b[o] = bb; A.tg_p[o] = cur_p(p, pn, w);
+    dec_add(a, bb, p, pn, w, (float)group_len(g, gi), x[0], x[1], x[2]);
+  });
 }
 
-// Per (b, c): the medium recurrence (independent of the token scan: the kernel runs both at once).
-WKV_DEV void fwd_scan_mediums(const WkvFwdArgs& A, int b, int c) {
+// Token states, phase C: the start state of each chunk of group gi (saved for fwd_out and the
+// backward); the last group writes the outgoing state.
+WKV_DEV void fwd_tokens_chunk_starts(const WkvFwdArgs& A, int b, int gi, int c) {
   const WkvGeo& g = A.g;
-  if (g.s == 0) return;
+  const size_t bc = (size_t)b * g.C + c;
+  const float w = ex(A.td[c]);
+  float a, bb, p, pn = 0.f;
+  if (g.NG == 1) {
+    a = ld_or(A.aa, bc, 0.f); bb = ld_or(A.bb, bc, 0.f); p = ld_or(A.pp, bc, WKV_NEG);
+  } else {
+    const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
+    a = A.tg_a[o]; bb = A.tg_b[o]; p = A.tg_p[o];
+  }
+  int n0, n1;
+  group_range(gi, g.GT, g.NC, n0, n1);
+  const Rows<3> xs{{A.loc_a, A.loc_b, A.loc_p}};
+  each_row<SBT, false, 3>(n0, n1, xs, (size_t)b * g.NC * g.C + c, g.C, [&](int n, const float* x) {
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    A.cs_a[o] = a; A.cs_b[o] = bb; A.cs_p[o] = cur_p(p, pn, w);
+    dec_add(a, bb, p, pn, w, (float)chunk_len(g, n), x[0], x[1], x[2]);
+  });
+  if (gi == g.NG - 1) { A.aaT[bc] = a; A.bbT[bc] = bb; A.ppT[bc] = cur_p(p, pn, w); }
+}
+
+// Medium states (segments r < g.complete add their medium and decay by one step; an incomplete last
+// segment neither), phase A: group gm's sum from zero, into mg_*.
+WKV_DEV void fwd_mediums_group_sum(const WkvFwdArgs& A, int b, int gm, int c) {
+  const WkvGeo& g = A.g;
+  const float wm = ex(A.md[c]);
+  int r0, r1;
+  group_range(gm, g.GJ, g.J, r0, r1);
+  float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
+  const Rows<2> xs{{A.mk, A.mv}};
+  each_row<SBT, false, 2>(r0, wkv_min(r1, g.complete), xs, (size_t)b * g.J * g.C + c, g.C,
+                          [&](int r, const float* x) { dec_add(a, bb, p, pn, wm, 1.f, x[1], 1.f, x[0]); });
+  const size_t o = ((size_t)b * g.NGM + gm) * g.C + c;
+  A.mg_a[o] = a; A.mg_b[o] = bb; A.mg_p[o] = cur_p(p, pn, wm);
+}
+
+WKV_DEV void fwd_mediums_group_scan(const WkvFwdArgs& A, int b, int c) {
+  const WkvGeo& g = A.g;
   const size_t bc = (size_t)b * g.C + c;
   const float wm = ex(A.md[c]);
   float a = ld_or(A.ma, bc, 0.f), bb = ld_or(A.mb, bc, 0.f), p = ld_or(A.mp, bc, WKV_NEG), pn = 0.f;
-  for (int r0 = 0; r0 < g.J; r0 += SB) {
-    float kk[SB], vv[SB];
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++)
-      if (r0 + i < g.J) {
-        const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
-        kk[i] = A.mk[o]; vv[i] = A.mv[o];
-      }
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++)
-      if (r0 + i < g.J) {
-        const size_t o = ((size_t)b * g.J + r0 + i) * g.C + c;
-        A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
-        if (r0 + i < g.complete) dec_add(a, bb, p, pn, wm, 1.f, vv[i], 1.f, kk[i]);
-      }
+  const Rows<3> xs{{A.mg_a, A.mg_b, A.mg_p}};
+  each_row<SB, false, 3>(0, g.NGM, xs, (size_t)b * g.NGM * g.C + c, g.C, [&](int gm, const float* x) {
+    const size_t o = ((size_t)b * g.NGM + gm) * g.C + c;
+    A.mg_a[o] = a; A.mg_b[o] = bb; A.mg_p[o] = cur_p(p, pn, wm);
+    int r0, r1;
+    group_range(gm, g.GJ, g.J, r0, r1);
+    dec_add(a, bb, p, pn, wm, (float)wkv_max(wkv_min(r1, g.complete) - r0, 0), x[0], x[1], x[2]);
+  });
+}
+
+// Medium states, phase C: the state before each segment of group gm; the last group writes the
+// outgoing medium state.
+WKV_DEV void fwd_mediums_starts(const WkvFwdArgs& A, int b, int gm, int c) {
+  const WkvGeo& g = A.g;
+  const size_t bc = (size_t)b * g.C + c;
+  const float wm = ex(A.md[c]);
+  float a, bb, p, pn = 0.f;
+  if (g.NGM == 1) {
+    a = ld_or(A.ma, bc, 0.f); bb = ld_or(A.mb, bc, 0.f); p = ld_or(A.mp, bc, WKV_NEG);
+  } else {
+    const size_t o = ((size_t)b * g.NGM + gm) * g.C + c;
+    a = A.mg_a[o]; bb = A.mg_b[o]; p = A.mg_p[o];
   }
-  A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm);
+  int r0, r1;
+  group_range(gm, g.GJ, g.J, r0, r1);
+  const Rows<2> xs{{A.mk, A.mv}};
+  each_row<SBT, false, 2>(r0, r1, xs, (size_t)b * g.J * g.C + c, g.C, [&](int r, const float* x) {
+    const size_t o = ((size_t)b * g.J + r) * g.C + c;
+    A.ms_a[o] = a; A.ms_b[o] = bb; A.ms_p[o] = cur_p(p, pn, wm);
+    if (r < g.complete) dec_add(a, bb, p, pn, wm, 1.f, x[1], 1.f, x[0]);
+  });
+  if (gm == g.NGM - 1) { A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm); }
 }
 
 // Outputs of one chunk from its start state.
@@ -289,12 +400,7 @@ struct FwdOut {
     each_token<U, false>(w0, w1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
       M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
       const float pc = cur_p(p, pn, w);
-      const float lu = u + k;
-      const float m = fmaxf(fmaxf(pc, lu), M.mP);
-      const float e1 = ex(pc - m), e2 = ex(lu - m), em = ex(M.mP - m);
-      const float num = e1 * a + e2 * v + em * M.mA;
-      const float den = e1 * bb + e2 + em * M.mB;
-      y[(size_t)t * g.C] = from_f(dv(num, den));
+      y[(size_t)t * g.C] = from_f(tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP).y);
       dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
       M.pos++;
     });
@@ -357,94 +463,171 @@ struct BwdLocal {
   }
 };
 
-// Per (b, c): reverse scan over chunks (writes the adjoint of the token state at each chunk end into
-// r_*) and the gradients of the incoming token state.
-WKV_DEV void bwd_scan_tokens(const WkvBwdArgs& A, int b, int c) {
+// Adjoint of the token state, walked from the end (phase A, B, C as in the forward). r_* holds each
+// chunk's local reverse sum (bwd_local) and receives the adjoint of the state at each chunk's end.
+WKV_DEV void bwd_tokens_group_sum(const WkvBwdArgs& A, int b, int gi, int c) {
+  const WkvGeo& g = A.g;
+  const float w = ex(A.td[c]);
+  int n0, n1;
+  group_range(gi, g.GT, g.NC, n0, n1);
+  float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
+  const Rows<3> xs{{A.r_a, A.r_b, A.r_p}};
+  each_row<SB, true, 3>(n0, n1, xs, (size_t)b * g.NC * g.C + c, g.C, [&](int n, const float* x) {
+    dec_add(a, bb, p, pn, w, (float)chunk_len(g, n), x[0], x[1], x[2]);
+  });
+  const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
+  A.tg_a[o] = a; A.tg_b[o] = bb; A.tg_p[o] = cur_p(p, pn, w);
+}
+
+WKV_DEV void bwd_tokens_group_scan(const WkvBwdArgs& A, int b, int c) {
   const WkvGeo& g = A.g;
   const size_t bc = (size_t)b * g.C + c;
   const float w = ex(A.td[c]);
-  float Ra = ld_or(A.gaaT, bc, 0.f), Rb = ld_or(A.gbbT, bc, 0.f), Rp = -A.ppT[bc], Rn = 0.f;
-  for (int n0 = g.NC - 1; n0 >= 0; n0 -= SB) {
-    float la[SB], lb[SB], lp[SB];
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++)
-      if (n0 - i >= 0) {
-        const size_t o = ((size_t)b * g.NC + n0 - i) * g.C + c;
-        la[i] = A.r_a[o]; lb[i] = A.r_b[o]; lp[i] = A.r_p[o];
-      }
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++)
-      if (n0 - i >= 0) {
-        int t0, t1;
-        wkv_chunk_range(g, n0 - i, t0, t1);
-        const size_t o = ((size_t)b * g.NC + n0 - i) * g.C + c;
-        A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = cur_p(Rp, Rn, w);
-        dec_add(Ra, Rb, Rp, Rn, w, (float)(t1 - t0), la[i], lb[i], lp[i]);
-      }
-  }
-  Rp = cur_p(Rp, Rn, w);
-  const float aa0 = ld_or(A.aa, bc, 0.f), bb0 = ld_or(A.bb, bc, 0.f);
-  const float e = ex(Rp + ld_or(A.pp, bc, WKV_NEG));
-  const float ga = Ra * e, gb = Rb * e;
-  A.gaa[bc] = ga; A.gbb[bc] = gb; A.gpp[bc] = ga * aa0 + gb * bb0;
+  float a = ld_or(A.gaaT, bc, 0.f), bb = ld_or(A.gbbT, bc, 0.f), p = -A.ppT[bc], pn = 0.f;
+  const Rows<3> xs{{A.tg_a, A.tg_b, A.tg_p}};
+  each_row<SB, true, 3>(0, g.NG, xs, (size_t)b * g.NG * g.C + c, g.C, [&](int gi, const float* x) {
+    const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
+    A.tg_a[o] = a; A.tg_b[o] = bb; A.tg_p[o] = cur_p(p, pn, w);
+    dec_add(a, bb, p, pn, w, (float)group_len(g, gi), x[0], x[1], x[2]);
+  });
 }
 
-// Per (b, c): the whole medium backward (gmk, gmv, the incoming medium state's gradients and
-// medium_decay's partial). Independent of the token scan: the kernel runs both at once.
-WKV_DEV void bwd_scan_mediums(const WkvBwdArgs& A, int b, int c) {
+// Phase C: the adjoint at each chunk end of group gi (into r_*); group 0 writes the gradients of the
+// incoming token state.
+WKV_DEV void bwd_tokens_chunk_ends(const WkvBwdArgs& A, int b, int gi, int c) {
   const WkvGeo& g = A.g;
-  if (g.s == 0) return;
   const size_t bc = (size_t)b * g.C + c;
-  const float wm = ex(A.md[c]);
-  float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;   // adjoint of the medium state before segment r + 1
-  if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
-  float acc = 0.f;
-  for (int r0 = g.J - 1; r0 >= 0; r0 -= SB) {
-    // Loads of SB segments issued together (independent of the recurrence).
-    float kk_[SB], vv_[SB], xa_[SB], xb_[SB], xp_[SB], sa_[SB], sb_[SB], sp_[SB];
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++)
-      if (r0 - i >= 0) {
-        const size_t o = ((size_t)b * g.J + r0 - i) * g.C + c;
-        kk_[i] = A.mk[o]; vv_[i] = A.mv[o];
-        xa_[i] = A.ms_a[o]; xb_[i] = A.ms_b[o]; xp_[i] = A.ms_p[o];
-        if (g.s <= WKV_CH) {
-          const size_t os = ((size_t)b * g.npiece + r0 - i) * g.C + c;
-          sa_[i] = A.s_a[os]; sb_[i] = A.s_b[os]; sp_[i] = A.s_p[os];
-        }
-      }
-    WKV_UNROLL
-    for (int i = 0; i < SB; i++) {
-      const int r = r0 - i;
-      if (r < 0) break;
-      const size_t o = ((size_t)b * g.J + r) * g.C + c;
-      const float Mc = cur_p(Mp, Mn, wm);
-      const float e = ex(kk_[i] + Mc);
-      A.gmv[o] = Ma * e;
-      A.gmk[o] = (vv_[i] * Ma + Mb) * e;
-      acc += (xa_[i] * Ma + xb_[i] * Mb) * ex(xp_[i] + Mc - wm);
-      Mn += 1.f;
-      if (g.s <= WKV_CH) {
-        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, sa_[i], sb_[i], sp_[i]);
-      } else {
-        const int n0 = wkv_max(r * g.nsub - g.c_first, 0);
-        const int n1 = wkv_min((r + 1) * g.nsub - g.c_first, g.NC);
-        for (int n = n0; n < n1; n++) {
-          const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
-          dec_add(Ma, Mb, Mp, Mn, wm, 0.f, A.s_a[os], A.s_b[os], A.s_p[os]);
-        }
-      }
-      if (r == g.complete)
-        dec_add(Ma, Mb, Mp, Mn, wm, 0.f, ld_or(A.gmaT, bc, 0.f), ld_or(A.gmbT, bc, 0.f), -A.mpT[bc]);
+  const float w = ex(A.td[c]);
+  float Ra, Rb, Rp, Rn = 0.f;
+  if (g.NG == 1) {
+    Ra = ld_or(A.gaaT, bc, 0.f); Rb = ld_or(A.gbbT, bc, 0.f); Rp = -A.ppT[bc];
+  } else {
+    const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
+    Ra = A.tg_a[o]; Rb = A.tg_b[o]; Rp = A.tg_p[o];
+  }
+  int n0, n1;
+  group_range(gi, g.GT, g.NC, n0, n1);
+  const Rows<3> xs{{A.r_a, A.r_b, A.r_p}};
+  each_row<SB, true, 3>(n0, n1, xs, (size_t)b * g.NC * g.C + c, g.C, [&](int n, const float* x) {
+    const size_t o = ((size_t)b * g.NC + n) * g.C + c;
+    A.r_a[o] = Ra; A.r_b[o] = Rb; A.r_p[o] = cur_p(Rp, Rn, w);
+    dec_add(Ra, Rb, Rp, Rn, w, (float)chunk_len(g, n), x[0], x[1], x[2]);
+  });
+  if (gi == 0) {
+    Rp = cur_p(Rp, Rn, w);
+    const float aa0 = ld_or(A.aa, bc, 0.f), bb0 = ld_or(A.bb, bc, 0.f);
+    const float e = ex(Rp + ld_or(A.pp, bc, WKV_NEG));
+    const float ga = Ra * e, gb = Rb * e;
+    A.gaa[bc] = ga; A.gbb[bc] = gb; A.gpp[bc] = ga * aa0 + gb * bb0;
+  }
+}
+
+// Adjoint of the medium state, from the last segment back: before segment r's step it is M; the step
+// is M <- e^{-wm} M + (the output adjoints of segment r's tokens, s_*) + (at r == complete: the
+// gradient of the outgoing medium state). `sa, sb, sp`: segment r's sum when s <= WKV_CH (one piece
+// a segment), else its pieces are read here.
+WKV_DEV void med_adj_step(const WkvBwdArgs& A, int b, int c, int r, float& Ma, float& Mb, float& Mp, float& Mn,
+                          float wm, float sa, float sb, float sp) {
+  const WkvGeo& g = A.g;
+  Mn += 1.f;
+  if (g.s <= WKV_CH) {
+    dec_add(Ma, Mb, Mp, Mn, wm, 0.f, sa, sb, sp);
+  } else {
+    const int n0 = wkv_max(r * g.nsub - g.c_first, 0);
+    const int n1 = wkv_min((r + 1) * g.nsub - g.c_first, g.NC);
+    for (int n = n0; n < n1; n++) {
+      const size_t os = ((size_t)b * g.npiece + n) * g.C + c;
+      dec_add(Ma, Mb, Mp, Mn, wm, 0.f, A.s_a[os], A.s_b[os], A.s_p[os]);
     }
   }
-  Mp = cur_p(Mp, Mn, wm);
-  const float ma0 = ld_or(A.ma, bc, 0.f), mb0 = ld_or(A.mb, bc, 0.f);
-  const float e = ex(Mp + ld_or(A.mp, bc, WKV_NEG));
-  const float ga = Ma * e, gb = Mb * e;
-  A.gma[bc] = ga; A.gmb[bc] = gb; A.gmp[bc] = ga * ma0 + gb * mb0;
-  A.pwm[bc] = acc;
+  if (r == g.complete) {
+    const size_t bc = (size_t)b * g.C + c;
+    dec_add(Ma, Mb, Mp, Mn, wm, 0.f, ld_or(A.gmaT, bc, 0.f), ld_or(A.gmbT, bc, 0.f), -A.mpT[bc]);
+  }
 }
+
+// Segment r's pieces as rows of each_row: with s <= WKV_CH one piece a segment (npiece == J), so
+// they are read with the segment's other inputs; else none (med_adj_step reads them).
+#define MED_ROWS(NA, ...)                                                                 \
+  if (g.s <= WKV_CH) {                                                                  \
+    const Rows<NA + 3> xs{{__VA_ARGS__, A.s_a, A.s_b, A.s_p}};                       \
+    each_row<SB, true, NA + 3>(r0, r1, xs, (size_t)b * g.J * g.C + c, g.C, step);       \
+  } else {                                                                              \
+    const Rows<NA> xs{{__VA_ARGS__}};                                                \
+    each_row<SB, true, NA>(r0, r1, xs, (size_t)b * g.J * g.C + c, g.C, step);           \
+  }
+
+WKV_DEV void bwd_mediums_group_sum(const WkvBwdArgs& A, int b, int gm, int c) {
+  const WkvGeo& g = A.g;
+  const float wm = ex(A.md[c]);
+  int r0, r1;
+  group_range(gm, g.GJ, g.J, r0, r1);
+  float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;
+  if (g.s <= WKV_CH) {
+    const Rows<3> xs{{A.s_a, A.s_b, A.s_p}};
+    each_row<SB, true, 3>(r0, r1, xs, (size_t)b * g.J * g.C + c, g.C, [&](int r, const float* x) {
+      med_adj_step(A, b, c, r, Ma, Mb, Mp, Mn, wm, x[0], x[1], x[2]);
+    });
+  } else {
+    for (int r = r1 - 1; r >= r0; r--) med_adj_step(A, b, c, r, Ma, Mb, Mp, Mn, wm, 0.f, 0.f, WKV_NEG);
+  }
+  const size_t o = ((size_t)b * g.NGM + gm) * g.C + c;
+  A.mg_a[o] = Ma; A.mg_b[o] = Mb; A.mg_p[o] = cur_p(Mp, Mn, wm);
+}
+
+WKV_DEV void bwd_mediums_group_scan(const WkvBwdArgs& A, int b, int c) {
+  const WkvGeo& g = A.g;
+  const size_t bc = (size_t)b * g.C + c;
+  const float wm = ex(A.md[c]);
+  float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;
+  if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
+  const Rows<3> xs{{A.mg_a, A.mg_b, A.mg_p}};
+  each_row<SB, true, 3>(0, g.NGM, xs, (size_t)b * g.NGM * g.C + c, g.C, [&](int gm, const float* x) {
+    const size_t o = ((size_t)b * g.NGM + gm) * g.C + c;
+    A.mg_a[o] = Ma; A.mg_b[o] = Mb; A.mg_p[o] = cur_p(Mp, Mn, wm);
+    int r0, r1;
+    group_range(gm, g.GJ, g.J, r0, r1);
+    dec_add(Ma, Mb, Mp, Mn, wm, (float)(r1 - r0), x[0], x[1], x[2]);
+  });
+}
+
+// Phase C: gmk, gmv of each segment of group gm and the group's part of medium_decay's gradient
+// (pwm); group 0 writes the gradients of the incoming medium state.
+WKV_DEV void bwd_mediums_out(const WkvBwdArgs& A, int b, int gm, int c) {
+  const WkvGeo& g = A.g;
+  const size_t bc = (size_t)b * g.C + c;
+  const float wm = ex(A.md[c]);
+  float Ma = 0.f, Mb = 0.f, Mp = WKV_NEG, Mn = 0.f;
+  if (g.NGM == 1) {
+    if (g.complete == g.J) { Ma = ld_or(A.gmaT, bc, 0.f); Mb = ld_or(A.gmbT, bc, 0.f); Mp = -A.mpT[bc]; }
+  } else {
+    const size_t o = ((size_t)b * g.NGM + gm) * g.C + c;
+    Ma = A.mg_a[o]; Mb = A.mg_b[o]; Mp = A.mg_p[o];
+  }
+  int r0, r1;
+  group_range(gm, g.GJ, g.J, r0, r1);
+  float acc = 0.f;
+  auto step = [&](int r, const auto& x) {   // x: mk, mv, ms_a, ms_b, ms_p (, s_a, s_b, s_p)
+    const size_t o = ((size_t)b * g.J + r) * g.C + c;
+    const float Mc = cur_p(Mp, Mn, wm);
+    const float e = ex(x[0] + Mc);
+    A.gmv[o] = Ma * e;
+    A.gmk[o] = (x[1] * Ma + Mb) * e;
+    acc += (x[2] * Ma + x[3] * Mb) * ex(x[4] + Mc - wm);
+    if constexpr (sizeof(x) / sizeof(x[0]) == 8) med_adj_step(A, b, c, r, Ma, Mb, Mp, Mn, wm, x[5], x[6], x[7]);
+    else med_adj_step(A, b, c, r, Ma, Mb, Mp, Mn, wm, 0.f, 0.f, WKV_NEG);
+  };
+  MED_ROWS(5, A.mk, A.mv, A.ms_a, A.ms_b, A.ms_p)
+  A.pwm[((size_t)b * g.NGM + gm) * g.C + c] = acc;
+  if (gm == 0) {
+    Mp = cur_p(Mp, Mn, wm);
+    const float ma0 = ld_or(A.ma, bc, 0.f), mb0 = ld_or(A.mb, bc, 0.f);
+    const float e = ex(Mp + ld_or(A.mp, bc, WKV_NEG));
+    const float ga = Ma * e, gb = Mb * e;
+    A.gma[bc] = ga; A.gmb[bc] = gb; A.gmp[bc] = ga * ma0 + gb * mb0;
+  }
+}
+#undef MED_ROWS
 
 // Gradients of k and v of one chunk: walk it backwards in sub-chunks of WKV_SUB tokens, whose
 // forward states are recomputed from the sub-chunk start states saved by bwd_local. The adjoint of
@@ -543,7 +726,7 @@ WKV_DEV void bwd_reduce_finish(const WkvBwdArgs& A, int c, float sw, float su) {
   A.gtf[c] = su;
   if (g.s > 0) {
     float sm = 0.f;
-    for (int i = 0; i < g.B; i++) sm += A.pwm[(size_t)i * g.C + c];
+    for (int i = 0; i < g.B * g.NGM; i++) sm += A.pwm[(size_t)i * g.C + c];
     A.gmd[c] = -ex(A.md[c]) * sm;
   }
 }

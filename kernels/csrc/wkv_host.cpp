@@ -25,6 +25,15 @@ void each_chunk(const WkvGeo& g, F f) {
   });
 }
 
+// f(b, i, c) for every (batch row, group i < n, channel), in parallel.
+template <class F>
+void each_group(const WkvGeo& g, int n, F f) {
+  at::parallel_for(0, (int64_t)g.B * n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; i++)
+      for (int c = 0; c < g.C; c++) f((int)(i / n), (int)(i % n), c);
+  });
+}
+
 template <class F>
 void each_channel(const WkvGeo& g, F f) {
   at::parallel_for(0, (int64_t)g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
@@ -53,10 +62,18 @@ void wkv_forward_host(const WkvFwdArgs& A) {
     each_window(t0, t1, false, [&](int w0, int w1) { S.run(w0, w1, col(A.k, g, b, w0, c), col(A.v, g, b, w0, c)); });
     S.finish(A, b, n, c);
   });
-  each_channel(g, [&](int b, int c) {
-    fwd_scan_tokens(A, b, c);
-    fwd_scan_mediums(A, b, c);
-  });
+  if (g.NG > 1) {   // the scans' phases A, B, C (wkv_algo.h), as the kernels run them
+    each_group(g, g.NG, [&](int b, int i, int c) { fwd_tokens_group_sum(A, b, i, c); });
+    each_channel(g, [&](int b, int c) { fwd_tokens_group_scan(A, b, c); });
+  }
+  each_group(g, g.NG, [&](int b, int i, int c) { fwd_tokens_chunk_starts(A, b, i, c); });
+  if (g.s > 0) {
+    if (g.NGM > 1) {
+      each_group(g, g.NGM, [&](int b, int i, int c) { fwd_mediums_group_sum(A, b, i, c); });
+      each_channel(g, [&](int b, int c) { fwd_mediums_group_scan(A, b, c); });
+    }
+    each_group(g, g.NGM, [&](int b, int i, int c) { fwd_mediums_starts(A, b, i, c); });
+  }
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
     FwdOut S;
     S.init(A, b, n, c, t0);
@@ -76,10 +93,18 @@ void wkv_backward_host(const WkvBwdArgs& A) {
     });
     S.finish(A, b, n, c);
   });
-  each_channel(g, [&](int b, int c) {
-    bwd_scan_tokens(A, b, c);
-    bwd_scan_mediums(A, b, c);
-  });
+  if (g.NG > 1) {
+    each_group(g, g.NG, [&](int b, int i, int c) { bwd_tokens_group_sum(A, b, i, c); });
+    each_channel(g, [&](int b, int c) { bwd_tokens_group_scan(A, b, c); });
+  }
+  each_group(g, g.NG, [&](int b, int i, int c) { bwd_tokens_chunk_ends(A, b, i, c); });
+  if (g.s > 0) {
+    if (g.NGM > 1) {
+      each_group(g, g.NGM, [&](int b, int i, int c) { bwd_mediums_group_sum(A, b, i, c); });
+      each_channel(g, [&](int b, int c) { bwd_mediums_group_scan(A, b, c); });
+    }
+    each_group(g, g.NGM, [&](int b, int i, int c) { bwd_mediums_out(A, b, i, c); });
+  }
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
     BwdOut S;
     S.init(A, b, n, c);
