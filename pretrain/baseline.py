@@ -56,6 +56,8 @@ class SDPATransformer(nn.Module):
     def compile_blocks(self) -> None:
         """torch.compile the block's forward once, shared by all blocks (as pretrain/compile.py does for
         RRWKV); module hooks, such as DeepSpeed's ZeRO-3 ones, stay outside the compiled graph."""
+        from .compile import inductor_settings
+        inductor_settings()
         forward = torch.compile(TransformerBlock.forward, fullgraph=True)
         for b in self.blocks:
             b.forward = functools.partial(forward, b)

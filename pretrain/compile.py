@@ -25,10 +25,27 @@ from .model import Block
 _compiled = None
 
 
+def inductor_settings() -> None:
+    """Inductor settings for every compiled block (RRWKV's and the SDPA baseline's).
+
+    Mix-order reductions (inductor's fusion of a row reduction, such as a layer norm's backward, with
+    the column reductions of parameter gradients over all tokens; on by default on GPUs since torch
+    2.10) are turned off: upstream they give silently wrong gradients for norm-weight patterns once
+    the reduction spans about 16k tokens (pytorch/pytorch#193061, fixed after 2.13) and wrongly
+    shaped ones for norm-like code (#178080), and on an H100 (torch 2.11, 2026-11-27) the compiled
+    1.5B block's backward failed with "CompiledFunctionBackward returned an invalid gradient ... got
+    [2048] but expected shape compatible with [1, 1, 2048]" (a time-mix curve) with them on.
+    """
+    import torch._inductor.config as inductor
+    if hasattr(inductor, "triton") and hasattr(inductor.triton, "mix_order_reduction"):
+        inductor.triton.mix_order_reduction = False
+
+
 def compiled_block():
     """The compiled Block.run, made on first use (compilation itself is lazy)."""
     global _compiled
     if _compiled is None:
+        inductor_settings()
         _compiled = torch.compile(Block.run, fullgraph=True)
     return _compiled
 
