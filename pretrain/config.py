@@ -34,7 +34,7 @@ class ModelSection(RRWKVConfig):
     """The RRWKVConfig fields (pretrain/model.py, one definition) plus how to run the WKV op."""
     cuda_kernel: bool = True             # false: the PyTorch reference also on GPUs
     kernel_cache: Optional[str] = None   # where the compiled CUDA kernel is cached (shared FS on clusters)
-    compile: bool = False                # torch.compile each block's non-kernel parts (pretrain/compile.py)
+    compile: bool = False                # torch.compile each block, WKV op included, as one graph (pretrain/compile.py)
 
 
 @dataclass

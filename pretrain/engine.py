@@ -141,10 +141,10 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, layout: BatchLayout, d
 
     from .model import Block
     if cfg.parallel.zero_stage == 3 and any(isinstance(m, Block) for m in model.modules()):
-        # ZeRO-3 gathers a module's parameters in hooks around that module's forward. A block runs as
-        # two regions around the WKV op that use its submodules' parameters outside their own forward
-        # (time-mix's mixes and decays), and a compiled region cannot run hooks (each one a graph
-        # break): gather the whole block's parameters when it starts instead (a ZeRO-3 leaf module).
+        # ZeRO-3 gathers a module's parameters in hooks around that module's forward. A block uses its
+        # submodules' parameters outside their own forward (time-mix's mixes and decays), and a compiled
+        # block cannot run hooks (each one a graph break): gather the whole block's parameters when it
+        # starts instead (a ZeRO-3 leaf module).
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, [Block])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,

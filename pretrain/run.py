@@ -176,12 +176,12 @@ def build_model(cfg: DictConfig, d: Dist):
 
 
 def maybe_compile(cfg: DictConfig, model, d: Dist) -> None:
-    """model.compile: the blocks' non-kernel parts through torch.compile (compiled at the first step)."""
+    """model.compile: every block through torch.compile as one graph, WKV op included (compiled at the first step)."""
     if cfg.model.compile:
         from .compile import compile_blocks
         n = compile_blocks(model)
-        say(d, f"model.compile: {n} blocks{' on this stage' if cfg.parallel.pipeline_stages > 1 else ''} run their "
-               f"non-kernel parts compiled (torch {torch.__version__}; compiled during the first step)")
+        say(d, f"model.compile: {n} blocks{' on this stage' if cfg.parallel.pipeline_stages > 1 else ''} run compiled, "
+               f"WKV op included (torch {torch.__version__}; compiled during the first step)")
 
 
 def build_partitioned(cfg: DictConfig, d: Dist, weights: Optional[Dict[str, torch.Tensor]] = None):
