@@ -1,4 +1,5 @@
-"""CUDA backend of kernels.wkv_retro: the compiled kernel (kernels/csrc) as torch.library custom ops.
+"""CUDA backend of kernels.wkv_retro: the compiled kernel (kernels/csrc) as torch.library custom ops
+(inside torch.compile) and an autograd.Function (eager).
 
 wkv_retro_cuda(...) returns exactly what the reference returns: y (B, T, C) in k's dtype and the
 WKVState after the chunk (float32 tensors). Gradients flow to time_decay, time_first, k, v,
@@ -40,7 +41,8 @@ def _ext(dtype: torch.dtype, device: torch.device):
 
 # The kernel as two torch.library custom ops with an autograd formula and shape functions ("fake"
 # implementations), so that torch.compile traces through the op instead of breaking its graph there:
-# a compiled block is one graph, WKV included (pretrain/compile.py). Eager calls take the same path.
+# a compiled block is one graph, WKV included (pretrain/compile.py). Eager calls go through the
+# autograd.Function below instead (the same extension calls, less host time).
 # Inputs: interval, phase, then float32 (C,) parameters, k/v in their dtype, float32 mediums and state
 # tensors; an empty (numel 0) state tensor means a fresh state (an empty gradient: zero).
 
@@ -110,28 +112,58 @@ def _(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms, gy, ga
             f32(6, B, C))
 
 
-def _setup_context(ctx, inputs, output):
-    td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, interval, phase = inputs
-    _y, _aaT, _bbT, ppT, _maT, _mbT, mpT, cs, ms = output
+def _save(ctx, inputs, ppT, mpT, cs, ms, interval, phase) -> None:
     ctx.interval, ctx.phase = interval, phase
-    ctx.save_for_backward(td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms)
+    ctx.save_for_backward(*inputs, ppT, mpT, cs, ms)
+
+
+def _input_grads(ctx, gy, gaaT, gbbT, gmaT, gmbT, needs, in_graph: bool):
+    """Gradients of the 13 tensor inputs (None where not needed). The outgoing maxima (pp, mp) and the
+    saved chunk states are not differentiable, as in the reference: their gradients are not taken."""
+    td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms = ctx.saved_tensors
+    none = k.new_empty(0, dtype=torch.float32)
+    opt = lambda g: none if g is None else g.float().contiguous()  # noqa: E731
+    gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
+    args = (td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms, gy, opt(gaaT), opt(gbbT),
+            opt(gmaT), opt(gmbT), ctx.interval, ctx.phase)
+    if in_graph:
+        *first, gst = torch.ops.rrwkv.wkv_backward(*args)
+        grads = tuple(first) + tuple(gst.unbind(0))
+    else:
+        grads = tuple(_ext(k.dtype, k.device).backward(*args))
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, interval, phase = inputs
+    _y, _aaT, _bbT, ppT, _maT, _mbT, mpT, cs, ms = output
+    _save(ctx, tensors, ppT, mpT, cs, ms, interval, phase)
 
 
 def _backward(ctx, gy, gaaT, gbbT, _gppT, gmaT, gmbT, _gmpT, _gcs, _gms):
-    # The outgoing maxima (pp, mp) and the saved chunk states are not differentiable (as in the
-    # reference): their gradients, if any, are ignored.
-    td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms = ctx.saved_tensors
-    none = k.new_empty(0, dtype=torch.float32)
-    opt = lambda g: none if g is None else g.float()  # noqa: E731
-    gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype)
-    gtd, gtf, gk, gv, gmd, gmk, gmv, gst = torch.ops.rrwkv.wkv_backward(
-        td, tf, k, v, md, mk, mv, aa, bb, pp, ma, mb, mp, ppT, mpT, cs, ms, gy, opt(gaaT), opt(gbbT),
-        opt(gmaT), opt(gmbT), ctx.interval, ctx.phase)
-    grads = (gtd, gtf, gk, gv, gmd, gmk, gmv) + tuple(gst.unbind(0))
-    return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:13])) + (None, None)
+    return _input_grads(ctx, gy, gaaT, gbbT, gmaT, gmbT, ctx.needs_input_grad[:13], in_graph=True) + (None, None)
 
 
 wkv_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _WKVRetro(torch.autograd.Function):
+    """The eager path: the same extension calls without the custom op's dispatch, which costs about
+    0.3 ms of host time per forward + backward (measured on the CPU build, 2026-11-27), per layer and
+    micro-batch. Inputs as the custom op's, with interval and phase first."""
+
+    @staticmethod
+    def forward(ctx, interval, phase, *tensors):
+        y, aaT, bbT, ppT, maT, mbT, mpT, cs, ms = _ext(tensors[2].dtype, tensors[2].device).forward(
+            *tensors, interval, phase)
+        _save(ctx, tensors, ppT, mpT, cs, ms, interval, phase)
+        ctx.mark_non_differentiable(ppT, mpT)
+        ctx.set_materialize_grads(False)
+        return y, aaT, bbT, ppT, maT, mbT, mpT
+
+    @staticmethod
+    def backward(ctx, gy, gaaT, gbbT, _gppT, gmaT, gmbT, _gmpT):
+        return (None, None) + _input_grads(ctx, gy, gaaT, gbbT, gmaT, gmbT, ctx.needs_input_grad[2:], in_graph=False)
 
 
 def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -162,8 +194,11 @@ def wkv_retro_cuda(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.
         md_, mk_, mv_ = f32(medium_decay), f32(mk), f32(mv)
     else:
         md_ = mk_ = mv_ = empty
-    y, aaT, bbT, ppT, maT, mbT, mpT, _cs, _ms = torch.ops.rrwkv.wkv_forward(
-        f32(time_decay), f32(time_first), kk, vv, md_, mk_, mv_, *st, int(interval), phase)
+    tensors = (f32(time_decay), f32(time_first), kk, vv, md_, mk_, mv_, *st)
+    if torch.compiler.is_compiling():   # inside torch.compile: the custom op, a node of the graph
+        y, aaT, bbT, ppT, maT, mbT, mpT, _cs, _ms = torch.ops.rrwkv.wkv_forward(*tensors, int(interval), phase)
+    else:
+        y, aaT, bbT, ppT, maT, mbT, mpT = _WKVRetro.apply(int(interval), phase, *tensors)
     if interval > 0:
         new = WKVState(aaT, bbT, ppT, maT, mbT, mpT, (phase + T) % interval)
     else:
