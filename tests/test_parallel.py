@@ -25,6 +25,7 @@ LAYOUTS = {  # name: (ranks, overrides); every one has the global batch of 8 row
                                        "train.activation_checkpointing=true"]),
     "zero3_2ranks_compiled_recompute": (2, ["parallel.zero_stage=3", "model.compile=true",  # blocks as ZeRO-3
                                             "train.activation_checkpointing=true"]),          # leaf modules
+    "pipeline_2stages_compiled": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1", "model.compile=true"]),
 }
 
 
