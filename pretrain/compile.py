@@ -31,7 +31,7 @@ def inductor_settings() -> None:
     Mix-order reductions (inductor's fusion of a row reduction, such as a layer norm's backward, with
     the column reductions of parameter gradients over all tokens; on by default on GPUs since torch
     2.10) are turned off: upstream they give silently wrong gradients for norm-weight patterns once
-    the reduction spans about 16k tokens (pytorch/pytorch#193061, fixed after 2.13) and wrongly
+    the reduction spans about 16k tokens (pytorch/pytorch#193061) and wrongly
     shaped ones for norm-like code (#178080), and on an H100 (torch 2.11, 2026-11-27) the compiled
     1.5B block's backward failed with "CompiledFunctionBackward returned an invalid gradient ... got
     [2048] but expected shape compatible with [1, 1, 2048]" (a time-mix curve) with them on.
