@@ -124,8 +124,12 @@ def per_segment(x: torch.Tensor, g: torch.Tensor, phase: int, interval: int) -> 
     if phase == 0 and T % interval == 0:  # whole segments: a broadcast, no gather (nor scatter in backward)
         J = T // interval
         return (x.view(B, J, interval, C) * g[:, :J, None]).view(B, T, C)
-    seg = torch.div(torch.arange(T, device=x.device) + phase, interval, rounding_mode="floor")
-    return x * g[:, seg]
+    # Otherwise padded out to whole segments, broadcast, and cut back: still no index gather, whose
+    # backward (a scatter-add) inductor's CPU code got wrong for lengths that are no multiple of the
+    # interval (an out-of-bounds abort, torch 2.13, 2026-11-27).
+    J = num_mediums(phase, T, interval)
+    padded = F.pad(x, (0, 0, phase, J * interval - phase - T))
+    return (padded.view(B, J, interval, C) * g[:, :J, None]).view(B, J * interval, C)[:, phase:phase + T]
 
 
 class Excitation(nn.Module):

@@ -66,3 +66,22 @@ def test_compiled_blocks_equal_eager(s, dev):
 def test_bad_compile_value_names_the_key():
     with pytest.raises(ConfigError, match="model.compile"):
         load_config([], ["model.compile=sometimes"])
+
+
+@pytest.mark.parametrize("dev", [GPU, "cpu"])
+def test_compiled_block_with_a_partial_last_segment(dev):
+    """Windows that are no multiple of the interval (here 40 tokens, interval 16: the last segment
+    half full) compile too and give the eager logits and gradients; then a second length in the same
+    process (a recompilation with dynamic shapes)."""
+    torch._dynamo.reset()
+    e, m = small(16, dev=dev).train(), small(16, dev=dev).train()
+    compile_blocks(m)
+    for T in (40, 57):
+        idx = torch.randint(0, 2048, (2, T), generator=torch.Generator().manual_seed(T)).to(dev)
+        for p in list(e.parameters()) + list(m.parameters()):
+            p.grad = None
+        ref, ref_grads = loss_and_grads(e, idx)
+        out, grads = loss_and_grads(m, idx)
+        assert torch.allclose(out, ref, rtol=0, atol=2e-5 * ref.abs().max().item()), T
+        for n, g in grads.items():
+            assert torch.allclose(g, ref_grads[n], rtol=0, atol=2e-5 * ref_grads[n].abs().max().item() + 1e-12), (T, n)
