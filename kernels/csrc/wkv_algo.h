@@ -275,19 +275,26 @@ WKV_DEV void each_row(int i0, int i1, Rows<NA> xs, size_t base, int C, F f) {
   }
 }
 
-// Token states, phase A: group gi's chunk sums composed from zero, into tg_*.
-WKV_DEV void fwd_tokens_group_sum(const WkvFwdArgs& A, int b, int gi, int c) {
+// Token phase A, shared by the forward (token states) and the backward (their adjoints, REV: walked
+// from the end; Args: WkvFwdArgs or WkvBwdArgs, both hold td and the tg_* scratch): group gi's
+// chunk rows xs (a local (a, b, p) triple per chunk) composed from zero, into tg_*.
+template <int SBN, bool REV, class Args>
+WKV_DEV void tokens_group_sum(const Args& A, const Rows<3>& xs, int b, int gi, int c) {
   const WkvGeo& g = A.g;
   const float w = ex(A.td[c]);
   int n0, n1;
   group_range(gi, g.GT, g.NC, n0, n1);
   float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
-  const Rows<3> xs{{A.loc_a, A.loc_b, A.loc_p}};
-  each_row<SBT, false, 3>(n0, n1, xs, (size_t)b * g.NC * g.C + c, g.C, [&](int n, const float* x) {
+  each_row<SBN, REV, 3>(n0, n1, xs, (size_t)b * g.NC * g.C + c, g.C, [&](int n, const float* x) {
     dec_add(a, bb, p, pn, w, (float)chunk_len(g, n), x[0], x[1], x[2]);
   });
   const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
   A.tg_a[o] = a; A.tg_b[o] = bb; A.tg_p[o] = cur_p(p, pn, w);
+}
+
+// Token states, phase A: group gi's chunk sums composed from zero, into tg_*.
+WKV_DEV void fwd_tokens_group_sum(const WkvFwdArgs& A, int b, int gi, int c) {
+  tokens_group_sum<SBT, false>(A, Rows<3>{{A.loc_a, A.loc_b, A.loc_p}}, b, gi, c);
 }
 
 // Token states, phase B (per (b, c)): each group's start state, in place of its sum in tg_*.
@@ -466,17 +473,7 @@ struct BwdLocal {
 // Adjoint of the token state, walked from the end (phase A, B, C as in the forward). r_* holds each
 // chunk's local reverse sum (bwd_local) and receives the adjoint of the state at each chunk's end.
 WKV_DEV void bwd_tokens_group_sum(const WkvBwdArgs& A, int b, int gi, int c) {
-  const WkvGeo& g = A.g;
-  const float w = ex(A.td[c]);
-  int n0, n1;
-  group_range(gi, g.GT, g.NC, n0, n1);
-  float a = 0.f, bb = 0.f, p = WKV_NEG, pn = 0.f;
-  const Rows<3> xs{{A.r_a, A.r_b, A.r_p}};
-  each_row<SB, true, 3>(n0, n1, xs, (size_t)b * g.NC * g.C + c, g.C, [&](int n, const float* x) {
-    dec_add(a, bb, p, pn, w, (float)chunk_len(g, n), x[0], x[1], x[2]);
-  });
-  const size_t o = ((size_t)b * g.NG + gi) * g.C + c;
-  A.tg_a[o] = a; A.tg_b[o] = bb; A.tg_p[o] = cur_p(p, pn, w);
+  tokens_group_sum<SB, true>(A, Rows<3>{{A.r_a, A.r_b, A.r_p}}, b, gi, c);
 }
 
 WKV_DEV void bwd_tokens_group_scan(const WkvBwdArgs& A, int b, int c) {
