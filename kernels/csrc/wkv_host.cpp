@@ -41,6 +41,18 @@ void each_channel(const WkvGeo& g, F f) {
   });
 }
 
+// One scan over `ng` groups a sequence, as wkv.cu's launch_scans runs it: phases A (sum) and B (scan)
+// only where there are several groups, then C (walk).
+template <class Args>
+void scan_host(const Args& A, int ng, void (*sum)(const Args&, int, int, int), void (*scan)(const Args&, int, int),
+               void (*walk)(const Args&, int, int, int)) {
+  if (ng > 1) {
+    each_group(A.g, ng, [&](int b, int i, int c) { sum(A, b, i, c); });
+    each_channel(A.g, [&](int b, int c) { scan(A, b, c); });
+  }
+  each_group(A.g, ng, [&](int b, int i, int c) { walk(A, b, i, c); });
+}
+
 }  // namespace
 
 // Each chunk walked window by window, as the CUDA kernels do (wkv_algo.h).
@@ -62,18 +74,8 @@ void wkv_forward_host(const WkvFwdArgs& A) {
     each_window(t0, t1, false, [&](int w0, int w1) { S.run(w0, w1, col(A.k, g, b, w0, c), col(A.v, g, b, w0, c)); });
     S.finish(A, b, n, c);
   });
-  if (g.NG > 1) {   // the scans' phases A, B, C (wkv_algo.h), as the kernels run them
-    each_group(g, g.NG, [&](int b, int i, int c) { fwd_tokens_group_sum(A, b, i, c); });
-    each_channel(g, [&](int b, int c) { fwd_tokens_group_scan(A, b, c); });
-  }
-  each_group(g, g.NG, [&](int b, int i, int c) { fwd_tokens_chunk_starts(A, b, i, c); });
-  if (g.s > 0) {
-    if (g.NGM > 1) {
-      each_group(g, g.NGM, [&](int b, int i, int c) { fwd_mediums_group_sum(A, b, i, c); });
-      each_channel(g, [&](int b, int c) { fwd_mediums_group_scan(A, b, c); });
-    }
-    each_group(g, g.NGM, [&](int b, int i, int c) { fwd_mediums_starts(A, b, i, c); });
-  }
+  scan_host(A, g.NG, fwd_tokens_group_sum, fwd_tokens_group_scan, fwd_tokens_chunk_starts);
+  if (g.s > 0) scan_host(A, g.NGM, fwd_mediums_group_sum, fwd_mediums_group_scan, fwd_mediums_starts);
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
     FwdOut S;
     S.init(A, b, n, c, t0);
@@ -93,18 +95,8 @@ void wkv_backward_host(const WkvBwdArgs& A) {
     });
     S.finish(A, b, n, c);
   });
-  if (g.NG > 1) {
-    each_group(g, g.NG, [&](int b, int i, int c) { bwd_tokens_group_sum(A, b, i, c); });
-    each_channel(g, [&](int b, int c) { bwd_tokens_group_scan(A, b, c); });
-  }
-  each_group(g, g.NG, [&](int b, int i, int c) { bwd_tokens_chunk_ends(A, b, i, c); });
-  if (g.s > 0) {
-    if (g.NGM > 1) {
-      each_group(g, g.NGM, [&](int b, int i, int c) { bwd_mediums_group_sum(A, b, i, c); });
-      each_channel(g, [&](int b, int c) { bwd_mediums_group_scan(A, b, c); });
-    }
-    each_group(g, g.NGM, [&](int b, int i, int c) { bwd_mediums_out(A, b, i, c); });
-  }
+  scan_host(A, g.NG, bwd_tokens_group_sum, bwd_tokens_group_scan, bwd_tokens_chunk_ends);
+  if (g.s > 0) scan_host(A, g.NGM, bwd_mediums_group_sum, bwd_mediums_group_scan, bwd_mediums_out);
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
     BwdOut S;
     S.init(A, b, n, c);
