@@ -89,12 +89,18 @@ measure() {
 }
 
 # summarize FILE.json...: one line per model of each launch/benchmark.py result: tokens/s, MFU, the
-# synchronized phases, peak allocated and reserved memory, allocator retries.
+# synchronized phases, peak allocated and reserved memory, allocator retries. Files without "results"
+# (NAME.estimate.json, which the runbooks' NAME_*.json globs also match) are skipped.
 summarize() {
   python3 - "$@" <<'PY'
 import json, sys
 for path in sys.argv[1:]:
-    for name, r in json.load(open(path))["results"].items():
+    if path.endswith(".estimate.json"):
+        continue
+    results = json.load(open(path)).get("results")
+    if not isinstance(results, dict):
+        continue
+    for name, r in results.items():
         if isinstance(r, dict) and "seconds" in r:
             s = r["seconds"]
             print(f"{path.rsplit('/', 1)[-1]:26} {name:26} {r['tokens_per_s']:8.0f} tok/s  MFU {r.get('mfu', 0):.3f}  "
