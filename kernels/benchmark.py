@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -166,16 +167,22 @@ def sdpa_step(x):
 
 
 def fla_step():
+    """flash-linear-attention's RWKV-4 recurrence on the inputs without mediums, or None and the
+    exception that stopped its import.
+    fla-core 0.6.0: fused_recurrent_rwkv4(w, u, k, v, state) -> (y, state after the last token), with
+    w and u of shape (C,): w is this kernel's time_decay (the op takes -exp(w) itself), u its
+    time_first; k, v (B, T, C); state (B, 3, 1, C): alpha, beta, eps, zeros for an empty history."""
     try:
         from fla.ops.rwkv4 import fused_recurrent_rwkv4  # type: ignore
     except Exception as e:  # noqa: BLE001
-        return None, f"not importable ({type(e).__name__})"
+        return None, e
 
     def step(x):
         td, tf, k, v, _md, _mk, _mv, gy = x
-        y, _ = fused_recurrent_rwkv4(-torch.exp(td), tf, k, v)
+        state = torch.zeros(k.shape[0], 3, 1, k.shape[2], device=k.device, dtype=torch.float32)
+        y, _ = fused_recurrent_rwkv4(td, tf, k, v, state)
         torch.autograd.grad(y, (td, tf, k, v), gy)
-    return step, ""
+    return step, None
 
 
 class use_csrc:
@@ -205,7 +212,14 @@ def bench(shapes, dtype, interval, rep, baseline=None):
     bw = copy_bandwidth()
     esize = torch.tensor([], dtype=dtype).element_size()
     rows = []
-    fla, fla_why = fla_step()
+    notes = {}     # "row: Type: message" of a failed row -> the shapes it failed at; printed under the table
+
+    def failed(row, e, shape):   # the table's cell; the message goes under the table
+        why = "".join(traceback.format_exception_only(type(e), e)).strip()
+        notes.setdefault(f"{row}: {why}", []).append("(%d,%d,%d)" % shape)
+        return f"failed ({type(e).__name__}, see below)"
+
+    fla, fla_error = fla_step()
     for (B, T, C) in shapes:
         n_sets = 3
         res = {}
@@ -230,9 +244,12 @@ def bench(shapes, dtype, interval, rep, baseline=None):
             try:
                 res["fla fused_recurrent_rwkv4"] = time_fn(fla, sets_0, rep=rep)
             except Exception as e:  # noqa: BLE001
-                res["fla fused_recurrent_rwkv4"] = f"failed ({type(e).__name__})"
+                if not notes:   # the whole traceback once, on stderr
+                    traceback.print_exc()
+                res["fla fused_recurrent_rwkv4"] = failed("fla fused_recurrent_rwkv4", e, (B, T, C))
         else:
-            res["fla fused_recurrent_rwkv4"] = fla_why
+            failed("fla fused_recurrent_rwkv4 (import)", fla_error, (B, T, C))
+            res["fla fused_recurrent_rwkv4"] = f"not importable ({type(fla_error).__name__}, see below)"
         del sets_0
         try:
             sets_r = wkv_inputs(B, T, C, interval, dtype, 1)
@@ -262,6 +279,8 @@ def bench(shapes, dtype, interval, rep, baseline=None):
             x = res[n]
             cells.append(f"{x:.3f}" if isinstance(x, float) else str(x))
         print("| " + " | ".join([n] + cells) + " |")
+    for why, at in notes.items():
+        print(f"{why}  [at {', '.join(at)}]")
 
 
 def profile(shapes, dtype, interval, steps=5):
