@@ -18,14 +18,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define WKV_UNROLL _Pragma("unroll")
-#define WKV_NO_UNROLL _Pragma("unroll 1")
 #define WKV_DEV __device__ __forceinline__
 #else
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cmath>
 #define WKV_UNROLL
-#define WKV_NO_UNROLL
 #define WKV_DEV inline
 #endif
 
@@ -85,7 +83,7 @@ const char* wkv_dtype_name() {
 #define U 8       // forward: tokens whose inputs are read together
 #define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
 #ifndef SB
-#define SB 12     // scans: loads of SB steps issued together (the medium backward: 8 loads a step; 16 spills)
+#define SB 4      // scans: loads of SB steps issued together (each step's code is unrolled SB times)
 #endif
 #ifndef SBT
 #define SBT 16    // the forward scans (3 or 2 loads a step)
@@ -262,9 +260,6 @@ WKV_DEV int group_len(const WkvGeo& g, int gi) {   // tokens in the chunks of to
 // the loads of SBN rows are issued together (they do not depend on the recurrence in f).
 template <int NA>
 struct Rows { const float* x[NA]; };   // by value, so that the pointers stay in registers
-#ifndef WKV_ROW_UNROLL
-#define WKV_ROW_UNROLL 0   // 1: a batch's steps unrolled, the rows in registers (the kernels grow 4x: the scans stalled on instruction fetch)
-#endif
 template <int SBN, bool REV, int NA, class F>
 WKV_DEV void each_row(int i0, int i1, Rows<NA> xs, size_t base, int C, F f) {
   for (int k0 = 0; k0 < i1 - i0; k0 += SBN) {
@@ -276,11 +271,7 @@ WKV_DEV void each_row(int i0, int i1, Rows<NA> xs, size_t base, int C, F f) {
         WKV_UNROLL
         for (int q = 0; q < NA; q++) x[j][q] = xs.x[q][base + (size_t)i * C];
       }
-#if WKV_ROW_UNROLL
     WKV_UNROLL
-#else
-    WKV_NO_UNROLL
-#endif
     for (int j = 0; j < SBN; j++)
       if (k0 + j < i1 - i0) f(REV ? i1 - 1 - (k0 + j) : i0 + k0 + j, x[j]);
   }
