@@ -86,7 +86,7 @@ const char* wkv_dtype_name() {
 #define SB 4      // scans: loads of SB steps issued together (each step's code is unrolled SB times)
 #endif
 #ifndef SBT
-#define SBT 16    // the forward scans (3 or 2 loads a step)
+#define SBT 8     // the forward scans (3 or 2 loads a step)
 #endif
 
 // The inputs of one channel from token t0 on: element i is at p[i * stride] (a shared-memory tile
