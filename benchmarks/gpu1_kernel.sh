@@ -14,6 +14,8 @@
 # them in parallel while the tests run, then `kernels.benchmark --compare` times this build's kernels
 # against each of them on the same inputs (step compare).
 #
+# SKIP="ncu ncu_scans ..." leaves out the steps named (a quicker A/B).
+#
 # Steps run in order of importance and each is capped, so that a slow one cannot take the rest of a
 # 10-minute command with it; a step that fails is recorded and the next one still runs.
 set -uo pipefail
@@ -27,6 +29,7 @@ PY=${PYTHON:-python3}
 step() {   # step NAME SECONDS COMMAND...: run, tee to $R/NAME.txt, record the exit status
   local name=$1 secs=$2
   shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)"; return 0 ;; esac
   echo "== $name ($(date -u +%T), at most ${secs}s): $*"
   timeout "$secs" "$@" > >(tee "$R/$name.txt") 2>&1
   local rc=$?

@@ -43,7 +43,9 @@ struct WkvGeo {
 // Two-level scans (wkv_algo.h) from WKV_GROUP_MIN chunks (segments) a sequence on, in groups of
 // WKV_GROUP; shorter sequences are scanned in one level.
 #define WKV_GROUP 16
+#ifndef WKV_GROUP_MIN
 #define WKV_GROUP_MIN 128
+#endif
 
 #if defined(__CUDACC__)
 #define WKV_HD __host__ __device__ __forceinline__

@@ -82,9 +82,11 @@ const char* wkv_dtype_name() {
 
 #define U 8       // forward: tokens whose inputs are read together
 #define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
-#define SB 12     // scans: loads of SB steps issued together (the medium backward: 8 loads a step; 16 spills)
+#ifndef SB
+#define SB 4      // scans: loads of SB steps issued together (each step's code is unrolled SB times)
+#endif
 #ifndef SBT
-#define SBT 16    // the forward scans (3 or 2 loads a step)
+#define SBT 8     // the forward scans (3 or 2 loads a step)
 #endif
 
 // The inputs of one channel from token t0 on: element i is at p[i * stride] (a shared-memory tile
