@@ -81,10 +81,10 @@ const char* wkv_dtype_name() {
 }
 
 #ifndef U
-#define U 8       // forward: tokens whose inputs are read together
+#define U 4       // forward: tokens whose inputs are read together
 #endif
 #ifndef UB
-#define UB 4      // k_bwd_local: inputs come from shared memory, few registers buffered
+#define UB 2      // k_bwd_local: inputs come from shared memory, few registers buffered
 #endif
 #ifndef SB
 #define SB 4      // scans: loads of SB steps issued together (each step's code is unrolled SB times)
