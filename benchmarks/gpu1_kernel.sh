@@ -10,7 +10,8 @@
 #   source .whl/activate.sh && BASELINE_CSRC=.kbase/kernels/csrc OUT=$OUT bash benchmarks/gpu1_kernel.sh
 # adds the baseline's rows and the ratio of the kernel times to the table.
 #
-# Variants (e.g. other WKV_WIN / WKV_NBUF defaults in copies of kernels/csrc): VARIANTS="DIR ..." builds
+# Variants (e.g. other WKV_WIN / WKV_NBUF defaults in copies of kernels/csrc, which
+# `bash benchmarks/kernel_variant.sh .kvar/NAME MACRO=VALUE ...` makes here): VARIANTS="DIR ..." builds
 # them in parallel while the tests run, then `kernels.benchmark --compare` times this build's kernels
 # against each of them on the same inputs (step compare).
 #

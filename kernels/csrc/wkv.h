@@ -8,7 +8,9 @@
 #endif
 
 #define WKV_CH 64     // longest time chunk handled by one thread
+#ifndef WKV_SUB
 #define WKV_SUB 8     // backward: tokens kept in registers while walking a chunk in reverse
+#endif
 #define WKV_NEG (-1e38f)
 // Chunk kernels: tokens of inputs staged in shared memory at a time (a multiple of WKV_SUB, at most
 // WKV_CH), and how many such windows are in flight (2: the next window's copy overlaps this one's work).
