@@ -95,8 +95,6 @@ summarize() {
   python3 - "$@" <<'PY'
 import json, sys
 for path in sys.argv[1:]:
-    if path.endswith(".estimate.json"):
-        continue
     results = json.load(open(path)).get("results")
     if not isinstance(results, dict):
         continue
