@@ -32,6 +32,7 @@ __device__ __forceinline__ void tile_load(in_t* __restrict__ sm, const in_t* __r
       __pipeline_memcpy_async(sm + r * NTHREADS + q * PER, gsrc + (size_t)r * C + c0 + q * PER, 16);
     }
   } else {
+#pragma unroll 1   // the rare case (C not a multiple of 8, the last channel tile): little code
     for (int i = threadIdx.x; i < rows * NTHREADS; i += NTHREADS) {
       const int r = i / NTHREADS, q = i - r * NTHREADS;
       if (c0 + q < C) sm[i] = gsrc[(size_t)r * C + c0 + q];

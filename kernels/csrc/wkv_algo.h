@@ -635,13 +635,13 @@ WKV_DEV void bwd_mediums_out(const WkvBwdArgs& A, int b, int gm, int c) {
 // Gradients of k and v of one chunk: walk it backwards in sub-chunks of WKV_SUB tokens, whose
 // forward states are recomputed from the sub-chunk start states saved by bwd_local. The adjoint of
 // the token state is carried as (ga, gb) * exp(cur_p(gq, gn, w)). The windows come last first.
+// Each sub-chunk takes the scaled path (below) where its inputs allow, the log-space path otherwise.
 struct Adj { float ga, gb, gq, gn, gw, gu; };
 
-WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, float a, float bb,
+// The log-space path: exact for any inputs. M: the medium cursor at tb.
+WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, MedCursor M, float a, float bb,
                          float p, Col K, Col V, Col G, in_t* gk, in_t* gv, float w, float u, Adj& J) {
   const WkvGeo& g = A.g;
-  MedCursor M;
-  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
   float ta[WKV_SUB], tbb[WKV_SUB], tp[WKV_SUB], tm[WKV_SUB], tgn[WKV_SUB], ty[WKV_SUB], tgx[WKV_SUB];
   float pn = 0.f;
   WKV_UNROLL
@@ -676,6 +676,97 @@ WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int 
   }
 }
 
+// The scaled path. Within one sub-chunk, with one reference R at least every exponent in it (the
+// start state's, every u + k, the mediums'), every sum is a plain recurrence with the constant factor
+// e^{-w}:  A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,
+//          y_t = (A'_t + e^u e^{k_t - R} v_t + MA') / (B'_t + e^u e^{k_t - R} + MB'),
+// one exponential a token and no running maximum, and the adjoints likewise (on the scale e^{+R}).
+// It is taken where every token's own term e^{u + k_t - R} is above e^{-WKV_SPAN} (so no denominator is
+// smaller, nothing overflows, and what underflows is below the float range in the log-space path's
+// results too) and the incoming adjoint fits the scale; elsewhere the log-space path runs. This
+// is v6's scaled path (removed in v7 when the kernels were bound by latency, not by instruction issue).
+#ifndef WKV_SCALED
+#define WKV_SCALED 1   // 0: the log-space path only
+#endif
+#define WKV_SPAN 50.f
+
+struct Scale {
+  float R, ew, eu;
+  // The reference of tokens [tb, te) (window from w0) after a state of log scale p; M: the medium cursor
+  // at tb. False where the sub-chunk needs the log-space path.
+  WKV_DEV bool init(const WkvBwdArgs& A, int b, int c, const MedCursor& M, int tb, int te, int w0, Col K,
+                    float p, float w, float u) {
+    const WkvGeo& g = A.g;
+    float kmin = K(tb - w0), kmax = kmin;
+    WKV_UNROLL
+    for (int i = 1; i < WKV_SUB; i++)
+      if (tb + i < te) {
+        const float k = K(tb + i - w0);
+        kmin = fminf(kmin, k);
+        kmax = fmaxf(kmax, k);
+      }
+    R = fmaxf(p, kmax + fmaxf(u, 0.f));
+    if (g.s > 0) {
+      R = fmaxf(R, M.mP);
+      // the later segments that the sub-chunk enters
+      for (int r = M.r + 1, rest = M.pos + (te - tb) - g.s; rest > 0; r++, rest -= g.s)
+        R = fmaxf(R, A.ms_p[((size_t)b * g.J + r) * g.C + c]);
+    }
+    ew = ex(-w);
+    eu = ex(u);
+    return WKV_SCALED && R - u - kmin <= WKV_SPAN;
+  }
+  // The medium sums of the cursor's segment on this scale.
+  WKV_DEV void medium(const MedCursor& M, float& mA, float& mB) const {
+    const float e = ex(M.mP - R);
+    mA = M.mA * e;
+    mB = M.mB * e;
+  }
+};
+
+// (a, bb) and (gA, gB): the state before tb and the adjoint of the state after te - 1 on the scale.
+WKV_DEV void bwd_out_sub_scaled(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, const Scale& S,
+                                MedCursor M, float a, float bb, float gA, float gB, Col K, Col V, Col G,
+                                in_t* gk, in_t* gv, Adj& J) {
+  const WkvGeo& g = A.g;
+  float mA, mB;
+  S.medium(M, mA, mB);
+  float tA[WKV_SUB], tB[WKV_SUB], tx[WKV_SUB], ty[WKV_SUB], tg[WKV_SUB];
+  WKV_UNROLL
+  for (int i = 0; i < WKV_SUB; i++) {
+    if (tb + i < te) {
+      if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+      const float kx = K(tb + i - w0), vx = V(tb + i - w0);
+      const float x = ex(kx - S.R), xu = S.eu * x;
+      const float den = bb + xu + mB;
+      ty[i] = dv(a + xu * vx + mA, den);
+      tg[i] = dv(G(tb + i - w0), den);
+      tA[i] = a; tB[i] = bb; tx[i] = x;
+      a = fmaf(S.ew, a, x * vx);
+      bb = fmaf(S.ew, bb, x);
+      M.pos++;
+    }
+  }
+  float gw = 0.f;
+  WKV_UNROLL
+  for (int i = WKV_SUB - 1; i >= 0; i--) {
+    const int t = tb + i;
+    if (t < te) {
+      const float vx = V(t - w0);
+      const float q = S.eu * tx[i] * tg[i];        // e^{u + k} gy / D: the token's own term
+      const float dy = vx - ty[i];
+      gv[(size_t)t * g.C] = from_f(fmaf(tx[i], gA, q));
+      gk[(size_t)t * g.C] = from_f(fmaf(q, dy, tx[i] * fmaf(gA, vx, gB)));
+      J.gu = fmaf(q, dy, J.gu);
+      gw = fmaf(tA[i], gA, fmaf(tB[i], gB, gw));
+      gA = fmaf(S.ew, gA, tg[i]);
+      gB = fmaf(S.ew, gB, -tg[i] * ty[i]);
+    }
+  }
+  J.gw = fmaf(gw, S.ew, J.gw);
+  J.ga = gA; J.gb = gB; J.gq = -S.R; J.gn = 0.f;
+}
+
 struct BwdOut {
   float w, u;
   Adj J;   // adjoint of the state after the part of the chunk walked so far
@@ -696,10 +787,26 @@ struct BwdOut {
     const int j0 = (w0 - t0) / WKV_SUB, j1 = (w1 - t0 + WKV_SUB - 1) / WKV_SUB;
 #pragma unroll 1
     for (int j = j1 - 1; j >= j0; j--) {
-      const int tb = t0 + j * WKV_SUB;
+      const int tb = t0 + j * WKV_SUB, te = wkv_min(tb + WKV_SUB, w1);
       const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
       const float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss];   // the state before tb
-      bwd_out_sub(A, b, c, w0, tb, w1, a, bb, p, K, V, G, gk, gv, w, u, J);
+      MedCursor M;
+      M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
+      Scale S;
+      bool scaled = S.init(A, b, c, M, tb, te, w0, K, p, w, u);
+      float gA = 0.f, gB = 0.f;
+      if (scaled) {   // the incoming adjoint on this scale must stay well inside the float range
+        const float e = ex(cur_p(J.gq, J.gn, w) + S.R);
+        gA = J.ga * e;
+        gB = J.gb * e;
+        scaled = fabsf(gA) <= 1e30f && fabsf(gB) <= 1e30f;
+      }
+      if (scaled) {
+        const float e = ex(p - S.R);
+        bwd_out_sub_scaled(A, b, c, w0, tb, te, S, M, a * e, bb * e, gA, gB, K, V, G, gk, gv, J);
+      } else {
+        bwd_out_sub(A, b, c, w0, tb, te, M, a, bb, p, K, V, G, gk, gv, w, u, J);
+      }
     }
   }
   WKV_DEV void finish(const WkvBwdArgs& A, int b, int n, int c) {
