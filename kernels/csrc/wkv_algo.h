@@ -15,6 +15,7 @@
 #include "wkv.h"
 
 #if defined(__CUDACC__)
+#include <cuda_pipeline.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define WKV_UNROLL _Pragma("unroll")
@@ -691,11 +692,11 @@ WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int 
 #define WKV_SPAN 50.f
 
 struct Scale {
-  float R, ew, eu;
+  float R, ew, eu;   // ew = e^{-w}, eu = e^u: the chunk's, set by the caller
   // The reference of tokens [tb, te) (window from w0) after a state of log scale p; M: the medium cursor
   // at tb. False where the sub-chunk needs the log-space path.
   WKV_DEV bool init(const WkvBwdArgs& A, int b, int c, const MedCursor& M, int tb, int te, int w0, Col K,
-                    float p, float w, float u) {
+                    float p, float u) {
     const WkvGeo& g = A.g;
     float kmin = K(tb - w0), kmax = kmin;
     WKV_UNROLL
@@ -712,8 +713,6 @@ struct Scale {
       for (int r = M.r + 1, rest = M.pos + (te - tb) - g.s; rest > 0; r++, rest -= g.s)
         R = fmaxf(R, A.ms_p[((size_t)b * g.J + r) * g.C + c]);
     }
-    ew = ex(-w);
-    eu = ex(u);
     return WKV_SCALED && R - u - kmin <= WKV_SPAN;
   }
   // The medium sums of the cursor's segment on this scale.
@@ -768,32 +767,65 @@ WKV_DEV void bwd_out_sub_scaled(const WkvBwdArgs& A, int b, int c, int w0, int t
 }
 
 struct BwdOut {
-  float w, u;
+  float w, u, ew, eu;   // ew = e^{-w}, eu = e^u
   Adj J;   // adjoint of the state after the part of the chunk walked so far
   in_t *gk, *gv;
-  WKV_DEV void init(const WkvBwdArgs& A, int b, int n, int c) {
+  // The state before each sub-chunk (saved by bwd_local) is fetched one sub-chunk ahead: on the GPU
+  // by asynchronous copies into this thread's two slots of 3 floats in shared memory (slot[k * NTHREADS],
+  // k = 3 * (j & 1) + q), so that neither the load's latency nor registers are spent; on the host
+  // read when needed.
+  float* slot;
+  WKV_DEV void fetch(const WkvBwdArgs& A, int b, int n, int c, int j) {
+#if defined(__CUDACC__)
+    constexpr int NS = WKV_CH / WKV_SUB;
+    const size_t oss = ((size_t)b * A.g.NC * NS + (size_t)n * NS + j) * A.g.C + c;
+    float* d = slot + 3 * (j & 1) * NTHREADS;
+    __pipeline_memcpy_async(d, A.ss_a + oss, 4);
+    __pipeline_memcpy_async(d + NTHREADS, A.ss_b + oss, 4);
+    __pipeline_memcpy_async(d + 2 * NTHREADS, A.ss_p + oss, 4);
+    __pipeline_commit();
+#endif
+  }
+  // The state before sub-chunk j (fetched), once sub-chunk j - 1's fetch is issued where j > 0.
+  WKV_DEV void take(const WkvBwdArgs& A, int b, int n, int c, int j, float& a, float& bb, float& p) {
+#if defined(__CUDACC__)
+    if (j > 0) __pipeline_wait_prior(1);
+    else __pipeline_wait_prior(0);
+    const float* d = slot + 3 * (j & 1) * NTHREADS;
+    a = d[0]; bb = d[NTHREADS]; p = d[2 * NTHREADS];
+#else
+    constexpr int NS = WKV_CH / WKV_SUB;
+    const size_t oss = ((size_t)b * A.g.NC * NS + (size_t)n * NS + j) * A.g.C + c;
+    a = A.ss_a[oss]; bb = A.ss_b[oss]; p = A.ss_p[oss];
+#endif
+  }
+  WKV_DEV void init(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, float* slot_) {
+    slot = slot_;
     const WkvGeo& g = A.g;
     w = ex(A.td[c]); u = A.tf[c];
+    ew = ex(-w); eu = ex(u);
     const size_t base_bt = (size_t)b * g.T * g.C + c;
     gk = (in_t*)A.gk + base_bt;
     gv = (in_t*)A.gv + base_bt;
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     J = Adj{A.r_a[o], A.r_b[o], A.r_p[o], 0.f, 0.f, 0.f};
+    fetch(A, b, n, c, (t1 - t0 - 1) / WKV_SUB);
   }
   // The window [w0, w1) of the chunk starting at t0, its sub-chunks last first.
   WKV_DEV void run(const WkvBwdArgs& A, int b, int n, int c, int t0, int w0, int w1, Col K, Col V, Col G) {
-    constexpr int NS = WKV_CH / WKV_SUB;
     const WkvGeo& g = A.g;
     const int j0 = (w0 - t0) / WKV_SUB, j1 = (w1 - t0 + WKV_SUB - 1) / WKV_SUB;
 #pragma unroll 1
     for (int j = j1 - 1; j >= j0; j--) {
       const int tb = t0 + j * WKV_SUB, te = wkv_min(tb + WKV_SUB, w1);
-      const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
-      const float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss];   // the state before tb
+      if (j > 0) fetch(A, b, n, c, j - 1);
+      float a, bb, p;   // the state before tb
+      take(A, b, n, c, j, a, bb, p);
       MedCursor M;
       M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
       Scale S;
-      bool scaled = S.init(A, b, c, M, tb, te, w0, K, p, w, u);
+      S.ew = ew; S.eu = eu;
+      bool scaled = S.init(A, b, c, M, tb, te, w0, K, p, u);
       float gA = 0.f, gB = 0.f;
       if (scaled) {   // the incoming adjoint on this scale must stay well inside the float range
         const float e = ex(cur_p(J.gq, J.gn, w) + S.R);
