@@ -396,14 +396,61 @@ WKV_DEV void fwd_mediums_starts(const WkvFwdArgs& A, int b, int gm, int c) {
   if (gm == g.NGM - 1) { A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm); }
 }
 
-// Outputs of one chunk from its start state.
+// The scaled path (k_fwd_out, k_bwd_out). Within one stretch of WKV_SUB tokens (a sub-chunk), with one reference R at least every exponent in it (the
+// start state's, every u + k, the mediums'), every sum is a plain recurrence with the constant factor
+// e^{-w}:  A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,
+//          y_t = (A'_t + e^u e^{k_t - R} v_t + MA') / (B'_t + e^u e^{k_t - R} + MB'),
+// one exponential a token and no running maximum, and the adjoints likewise (on the scale e^{+R}).
+// It is taken where every token's own term e^{u + k_t - R} is above e^{-WKV_SPAN} (so no denominator is
+// smaller, nothing overflows, and what underflows is below the float range in the log-space path's
+// results too) and the incoming adjoint fits the scale; elsewhere the log-space path runs. This
+// is v6's scaled path (removed in v7 when the kernels were bound by latency, not by instruction issue).
+#ifndef WKV_SCALED
+#define WKV_SCALED 1   // 0: the log-space path only
+#endif
+#define WKV_SPAN 50.f
+
+struct Scale {
+  float R, ew, eu;   // ew = e^{-w}, eu = e^u: the chunk's, set by the caller
+  // The reference of tokens [tb, te) (window from w0) after a state of log scale p; M: the medium cursor
+  // at tb. False where the sub-chunk needs the log-space path.
+  WKV_DEV bool init(const WkvGeo& g, const float* ms_p, int b, int c, const MedCursor& M, int tb, int te, int w0,
+                    Col K, float p, float u) {
+    float kmin = K(tb - w0), kmax = kmin;
+    WKV_UNROLL
+    for (int i = 1; i < WKV_SUB; i++)
+      if (tb + i < te) {
+        const float k = K(tb + i - w0);
+        kmin = fminf(kmin, k);
+        kmax = fmaxf(kmax, k);
+      }
+    R = fmaxf(p, kmax + fmaxf(u, 0.f));
+    if (g.s > 0) {
+      R = fmaxf(R, M.mP);
+      // the later segments that the sub-chunk enters
+      for (int r = M.r + 1, rest = M.pos + (te - tb) - g.s; rest > 0; r++, rest -= g.s)
+        R = fmaxf(R, ms_p[((size_t)b * g.J + r) * g.C + c]);
+    }
+    return WKV_SCALED && R - u - kmin <= WKV_SPAN;
+  }
+  // The medium sums of the cursor's segment on this scale.
+  WKV_DEV void medium(const MedCursor& M, float& mA, float& mB) const {
+    const float e = ex(M.mP - R);
+    mA = M.mA * e;
+    mB = M.mB * e;
+  }
+};
+
+// Outputs of one chunk from its start state, in stretches of WKV_SUB tokens, each on the scaled path
+// where its inputs allow.
 struct FwdOut {
-  float w, u, a, bb, p, pn;
+  float w, u, ew, eu, a, bb, p, pn;
   MedCursor M;
   in_t* y;
   WKV_DEV void init(const WkvFwdArgs& A, int b, int n, int c, int t0) {
     const WkvGeo& g = A.g;
     w = ex(A.td[c]); u = A.tf[c];
+    ew = ex(-w); eu = ex(u);
     y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     a = A.cs_a[o]; bb = A.cs_b[o]; p = A.cs_p[o]; pn = 0.f;
@@ -411,13 +458,42 @@ struct FwdOut {
   }
   WKV_DEV void run(const WkvFwdArgs& A, int b, int c, int w0, int w1, Col K, Col V) {
     const WkvGeo& g = A.g;
-    each_token<U, false>(w0, w1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
-      M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+#pragma unroll 1
+    for (int tb = w0; tb < w1; tb += WKV_SUB) {
+      const int te = wkv_min(tb + WKV_SUB, w1);
+      Scale S;
+      S.ew = ew; S.eu = eu;
       const float pc = cur_p(p, pn, w);
-      y[(size_t)t * g.C] = from_f(tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP).y);
-      dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
-      M.pos++;
-    });
+      if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
+        const float e = ex(pc - S.R);
+        a *= e; bb *= e;
+        float mA, mB;
+        S.medium(M, mA, mB);
+        WKV_UNROLL
+        for (int i = 0; i < WKV_SUB; i++) {
+          if (tb + i < te) {
+            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+            const float kx = K(tb + i - w0), vx = V(tb + i - w0);
+            const float x = ex(kx - S.R), xu = eu * x;
+            y[(size_t)(tb + i) * g.C] = from_f(dv(a + xu * vx + mA, bb + xu + mB));
+            a = fmaf(ew, a, x * vx);
+            bb = fmaf(ew, bb, x);
+            M.pos++;
+          }
+        }
+        p = S.R; pn = 0.f;
+      } else {
+        each_token<U, false>(tb, te, Col{K.p + (size_t)(tb - w0) * K.stride, K.stride},
+                             Col{V.p + (size_t)(tb - w0) * V.stride, V.stride}, Col{nullptr, 0},
+                             [&](int t, float k, float v, float gy) {
+          M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+          const float pq = cur_p(p, pn, w);
+          y[(size_t)t * g.C] = from_f(tok_out(a, bb, pq, k, v, u, M.mA, M.mB, M.mP).y);
+          dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+          M.pos++;
+        });
+      }
+    }
   }
 };
 
@@ -426,7 +502,7 @@ struct FwdOut {
 // (1) decayed to the chunk start: sum_t e^{-(t-t0) w} gN_t, (2) per segment (undecayed).
 // Also saves the token state at every sub-chunk start, for bwd_out.
 struct BwdLocal {
-  float w, u, a, bb, p, pn;
+  float w, u, ew, eu, a, bb, p, pn;
   MedCursor M;
   float ra, rb, rp;   // reverse sum decayed to t0
   float sa, sb, sp;   // segment sum
@@ -435,36 +511,90 @@ struct BwdLocal {
     const WkvGeo& g = A.g;
     t0 = t0_;
     w = ex(A.td[c]); u = A.tf[c];
+    ew = ex(-w); eu = ex(u);
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     a = A.cs_a[o]; bb = A.cs_b[o]; p = A.cs_p[o]; pn = 0.f;
     M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
     ra = 0.f; rb = 0.f; rp = WKV_NEG;
     sa = 0.f; sb = 0.f; sp = WKV_NEG;
   }
+  // Segment r ends at token t in this chunk (s <= WKV_CH): its sum goes out.
+  WKV_DEV void segment_end(const WkvBwdArgs& A, int b, int c) {
+    const size_t os = ((size_t)b * A.g.npiece + M.r) * A.g.C + c;
+    A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+    sa = 0.f; sb = 0.f; sp = WKV_NEG;
+  }
+  // The window [w0, w1) in sub-chunks of WKV_SUB tokens (the windows start at sub-chunk starts), each on
+  // the scaled path (see Scale) where its inputs allow.
   WKV_DEV void run(const WkvBwdArgs& A, int b, int n, int c, int t1, int w0, int w1, Col K, Col V, Col G) {
     const WkvGeo& g = A.g;
-    each_token<UB, true>(w0, w1, K, V, G, [&](int t, float k, float v, float gy) {
-      M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+#pragma unroll 1
+    for (int tb = w0; tb < w1; tb += WKV_SUB) {
+      const int te = wkv_min(tb + WKV_SUB, w1);
       const float pc = cur_p(p, pn, w);
-      if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
+      {   // the sub-chunk's start state, for bwd_out
         const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
-                            (t - t0) / WKV_SUB) * g.C + c;
+                            (tb - t0) / WKV_SUB) * g.C + c;
         A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
       }
-      const TokOut q = tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP);
-      const float gn = dv(gy, q.den);
-      lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
-      if (g.s > 0) {
-        lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
-        if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
-          const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
-          A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
-          sa = 0.f; sb = 0.f; sp = WKV_NEG;
+      Scale S;
+      S.ew = ew; S.eu = eu;
+      if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
+        const float e = ex(pc - S.R);
+        a *= e; bb *= e;
+        float mA, mB;
+        S.medium(M, mA, mB);
+        // The sub-chunk's output adjoints gy / D on the scale e^{-R}: decayed to tb (Ra, Rb), and undecayed
+        // for the current segment (Sa, Sb).
+        float Ra = 0.f, Rb = 0.f, f = 1.f, Sa = 0.f, Sb = 0.f;
+        WKV_UNROLL
+        for (int i = 0; i < WKV_SUB; i++) {
+          const int t = tb + i;
+          if (t < te) {
+            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+            const float kx = K(t - w0), vx = V(t - w0), gx = G(t - w0);
+            const float x = ex(kx - S.R), xu = eu * x;
+            const float den = bb + xu + mB;
+            const float y = dv(a + xu * vx + mA, den), tg = dv(gx, den);
+            Ra = fmaf(f, tg, Ra);
+            Rb = fmaf(-f * tg, y, Rb);
+            f *= ew;
+            if (g.s > 0) {
+              Sa += tg;
+              Sb = fmaf(-tg, y, Sb);
+              if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+                lse_add(sa, sb, sp, Sa, Sb, -S.R);
+                segment_end(A, b, c);
+                Sa = 0.f; Sb = 0.f;
+              }
+            }
+            a = fmaf(ew, a, x * vx);
+            bb = fmaf(ew, bb, x);
+            M.pos++;
+          }
         }
+        lse_add(ra, rb, rp, Ra, Rb, -S.R - (float)(tb - t0) * w);
+        if (g.s > 0) lse_add(sa, sb, sp, Sa, Sb, -S.R);
+        p = S.R; pn = 0.f;
+      } else {
+        each_token<UB, true>(tb, te, Col{K.p + (size_t)(tb - w0) * K.stride, K.stride},
+                             Col{V.p + (size_t)(tb - w0) * V.stride, V.stride},
+                             Col{G.p + (size_t)(tb - w0) * G.stride, G.stride},
+                             [&](int t, float k, float v, float gy) {
+          M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+          const float pq = cur_p(p, pn, w);
+          const TokOut q = tok_out(a, bb, pq, k, v, u, M.mA, M.mB, M.mP);
+          const float gn = dv(gy, q.den);
+          lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
+          if (g.s > 0) {
+            lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
+            if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) segment_end(A, b, c);   // segment r ends
+          }
+          dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+          M.pos++;
+        });
       }
-      dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
-      M.pos++;
-    });
+    }
   }
   WKV_DEV void finish(const WkvBwdArgs& A, int b, int n, int c) {
     const WkvGeo& g = A.g;
@@ -677,52 +807,6 @@ WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int 
   }
 }
 
-// The scaled path. Within one sub-chunk, with one reference R at least every exponent in it (the
-// start state's, every u + k, the mediums'), every sum is a plain recurrence with the constant factor
-// e^{-w}:  A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,
-//          y_t = (A'_t + e^u e^{k_t - R} v_t + MA') / (B'_t + e^u e^{k_t - R} + MB'),
-// one exponential a token and no running maximum, and the adjoints likewise (on the scale e^{+R}).
-// It is taken where every token's own term e^{u + k_t - R} is above e^{-WKV_SPAN} (so no denominator is
-// smaller, nothing overflows, and what underflows is below the float range in the log-space path's
-// results too) and the incoming adjoint fits the scale; elsewhere the log-space path runs. This
-// is v6's scaled path (removed in v7 when the kernels were bound by latency, not by instruction issue).
-#ifndef WKV_SCALED
-#define WKV_SCALED 1   // 0: the log-space path only
-#endif
-#define WKV_SPAN 50.f
-
-struct Scale {
-  float R, ew, eu;   // ew = e^{-w}, eu = e^u: the chunk's, set by the caller
-  // The reference of tokens [tb, te) (window from w0) after a state of log scale p; M: the medium cursor
-  // at tb. False where the sub-chunk needs the log-space path.
-  WKV_DEV bool init(const WkvBwdArgs& A, int b, int c, const MedCursor& M, int tb, int te, int w0, Col K,
-                    float p, float u) {
-    const WkvGeo& g = A.g;
-    float kmin = K(tb - w0), kmax = kmin;
-    WKV_UNROLL
-    for (int i = 1; i < WKV_SUB; i++)
-      if (tb + i < te) {
-        const float k = K(tb + i - w0);
-        kmin = fminf(kmin, k);
-        kmax = fmaxf(kmax, k);
-      }
-    R = fmaxf(p, kmax + fmaxf(u, 0.f));
-    if (g.s > 0) {
-      R = fmaxf(R, M.mP);
-      // the later segments that the sub-chunk enters
-      for (int r = M.r + 1, rest = M.pos + (te - tb) - g.s; rest > 0; r++, rest -= g.s)
-        R = fmaxf(R, A.ms_p[((size_t)b * g.J + r) * g.C + c]);
-    }
-    return WKV_SCALED && R - u - kmin <= WKV_SPAN;
-  }
-  // The medium sums of the cursor's segment on this scale.
-  WKV_DEV void medium(const MedCursor& M, float& mA, float& mB) const {
-    const float e = ex(M.mP - R);
-    mA = M.mA * e;
-    mB = M.mB * e;
-  }
-};
-
 // (a, bb) and (gA, gB): the state before tb and the adjoint of the state after te - 1 on the scale.
 WKV_DEV void bwd_out_sub_scaled(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, const Scale& S,
                                 MedCursor M, float a, float bb, float gA, float gB, Col K, Col V, Col G,
@@ -825,7 +909,7 @@ struct BwdOut {
       M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
       Scale S;
       S.ew = ew; S.eu = eu;
-      bool scaled = S.init(A, b, c, M, tb, te, w0, K, p, u);
+      bool scaled = S.init(g, A.ms_p, b, c, M, tb, te, w0, K, p, u);
       float gA = 0.f, gB = 0.f;
       if (scaled) {   // the incoming adjoint on this scale must stay well inside the float range
         const float e = ex(cur_p(J.gq, J.gn, w) + S.R);
