@@ -396,15 +396,18 @@ WKV_DEV void fwd_mediums_starts(const WkvFwdArgs& A, int b, int gm, int c) {
   if (gm == g.NGM - 1) { A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm); }
 }
 
-// The scaled path (k_fwd_out, k_bwd_out). Within one stretch of WKV_SUB tokens (a sub-chunk), with one reference R at least every exponent in it (the
-// start state's, every u + k, the mediums'), every sum is a plain recurrence with the constant factor
-// e^{-w}:  A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,
-//          y_t = (A'_t + e^u e^{k_t - R} v_t + MA') / (B'_t + e^u e^{k_t - R} + MB'),
-// one exponential a token and no running maximum, and the adjoints likewise (on the scale e^{+R}).
-// It is taken where every token's own term e^{u + k_t - R} is above e^{-WKV_SPAN} (so no denominator is
-// smaller, nothing overflows, and what underflows is below the float range in the log-space path's
-// results too) and the incoming adjoint fits the scale; elsewhere the log-space path runs. This
-// is v6's scaled path (removed in v7 when the kernels were bound by latency, not by instruction issue).
+// The scaled path (k_fwd_out, k_bwd_local). Within one
+// stretch of WKV_SUB tokens, with one reference R at least every exponent in it (the start state's,
+// every u + k, the mediums'), every sum is a plain recurrence with the constant factor e^{-w}:
+//   A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,
+//   y_t = (A'_t + e^u e^{k_t - R} v_t + MA') / (B'_t + e^u e^{k_t - R} + MB'),
+// one exponential a token and no running maximum, and the output adjoints gy / D likewise (on the
+// scale e^{+R}). It is taken where every token's own term e^{u + k_t - R} is above e^{-WKV_SPAN} (so no
+// denominator is smaller, nothing overflows, and what underflows is below the float range in the
+// log-space path's results too); elsewhere the log-space path runs, exact for any inputs. This is
+// v6's scaled path, removed in v7 when the kernels were bound by latency (16 warps an SM); since v8's
+// windows they are bound by instruction issue, and in v18 it took k_bwd_local from 0.074 to 0.060 ms
+// at (8,1024,2048) on the H100.
 #ifndef WKV_SCALED
 #define WKV_SCALED 1   // 0: the log-space path only
 #endif
@@ -766,10 +769,10 @@ WKV_DEV void bwd_mediums_out(const WkvBwdArgs& A, int b, int gm, int c) {
 // Gradients of k and v of one chunk: walk it backwards in sub-chunks of WKV_SUB tokens, whose
 // forward states are recomputed from the sub-chunk start states saved by bwd_local. The adjoint of
 // the token state is carried as (ga, gb) * exp(cur_p(gq, gn, w)). The windows come last first.
-// Each sub-chunk takes the scaled path (below) where its inputs allow, the log-space path otherwise.
 struct Adj { float ga, gb, gq, gn, gw, gu; };
 
-// The log-space path: exact for any inputs. M: the medium cursor at tb.
+// M: the medium cursor at tb. (The scaled path, tried here in v18, was no faster: k_bwd_out is bound
+// by its memory traffic and the latency of its loads more than by its instructions.)
 WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, MedCursor M, float a, float bb,
                          float p, Col K, Col V, Col G, in_t* gk, in_t* gv, float w, float u, Adj& J) {
   const WkvGeo& g = A.g;
@@ -807,51 +810,8 @@ WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int 
   }
 }
 
-// (a, bb) and (gA, gB): the state before tb and the adjoint of the state after te - 1 on the scale.
-WKV_DEV void bwd_out_sub_scaled(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, const Scale& S,
-                                MedCursor M, float a, float bb, float gA, float gB, Col K, Col V, Col G,
-                                in_t* gk, in_t* gv, Adj& J) {
-  const WkvGeo& g = A.g;
-  float mA, mB;
-  S.medium(M, mA, mB);
-  float tA[WKV_SUB], tB[WKV_SUB], tx[WKV_SUB], ty[WKV_SUB], tg[WKV_SUB];
-  WKV_UNROLL
-  for (int i = 0; i < WKV_SUB; i++) {
-    if (tb + i < te) {
-      if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-      const float kx = K(tb + i - w0), vx = V(tb + i - w0);
-      const float x = ex(kx - S.R), xu = S.eu * x;
-      const float den = bb + xu + mB;
-      ty[i] = dv(a + xu * vx + mA, den);
-      tg[i] = dv(G(tb + i - w0), den);
-      tA[i] = a; tB[i] = bb; tx[i] = x;
-      a = fmaf(S.ew, a, x * vx);
-      bb = fmaf(S.ew, bb, x);
-      M.pos++;
-    }
-  }
-  float gw = 0.f;
-  WKV_UNROLL
-  for (int i = WKV_SUB - 1; i >= 0; i--) {
-    const int t = tb + i;
-    if (t < te) {
-      const float vx = V(t - w0);
-      const float q = S.eu * tx[i] * tg[i];        // e^{u + k} gy / D: the token's own term
-      const float dy = vx - ty[i];
-      gv[(size_t)t * g.C] = from_f(fmaf(tx[i], gA, q));
-      gk[(size_t)t * g.C] = from_f(fmaf(q, dy, tx[i] * fmaf(gA, vx, gB)));
-      J.gu = fmaf(q, dy, J.gu);
-      gw = fmaf(tA[i], gA, fmaf(tB[i], gB, gw));
-      gA = fmaf(S.ew, gA, tg[i]);
-      gB = fmaf(S.ew, gB, -tg[i] * ty[i]);
-    }
-  }
-  J.gw = fmaf(gw, S.ew, J.gw);
-  J.ga = gA; J.gb = gB; J.gq = -S.R; J.gn = 0.f;
-}
-
 struct BwdOut {
-  float w, u, ew, eu;   // ew = e^{-w}, eu = e^u
+  float w, u;
   Adj J;   // adjoint of the state after the part of the chunk walked so far
   in_t *gk, *gv;
   // The state before each sub-chunk (saved by bwd_local) is fetched one sub-chunk ahead: on the GPU
@@ -887,7 +847,6 @@ struct BwdOut {
     slot = slot_;
     const WkvGeo& g = A.g;
     w = ex(A.td[c]); u = A.tf[c];
-    ew = ex(-w); eu = ex(u);
     const size_t base_bt = (size_t)b * g.T * g.C + c;
     gk = (in_t*)A.gk + base_bt;
     gv = (in_t*)A.gv + base_bt;
@@ -907,22 +866,7 @@ struct BwdOut {
       take(A, b, n, c, j, a, bb, p);
       MedCursor M;
       M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
-      Scale S;
-      S.ew = ew; S.eu = eu;
-      bool scaled = S.init(g, A.ms_p, b, c, M, tb, te, w0, K, p, u);
-      float gA = 0.f, gB = 0.f;
-      if (scaled) {   // the incoming adjoint on this scale must stay well inside the float range
-        const float e = ex(cur_p(J.gq, J.gn, w) + S.R);
-        gA = J.ga * e;
-        gB = J.gb * e;
-        scaled = fabsf(gA) <= 1e30f && fabsf(gB) <= 1e30f;
-      }
-      if (scaled) {
-        const float e = ex(p - S.R);
-        bwd_out_sub_scaled(A, b, c, w0, tb, te, S, M, a * e, bb * e, gA, gB, K, V, G, gk, gv, J);
-      } else {
-        bwd_out_sub(A, b, c, w0, tb, te, M, a, bb, p, K, V, G, gk, gv, w, u, J);
-      }
+      bwd_out_sub(A, b, c, w0, tb, te, M, a, bb, p, K, V, G, gk, gv, w, u, J);
     }
   }
   WKV_DEV void finish(const WkvBwdArgs& A, int b, int n, int c) {
