@@ -230,7 +230,9 @@ __global__ void __launch_bounds__(NTHREADS, WKV_MINB_BWD_OUT) k_bwd_out(WkvBwdAr
   if (on) S.finish(A, b, n, c);
 }
 
-#define NRED 8   // k_bwd_reduce: threads (parts of the rows) per channel
+#ifndef NRED
+#define NRED 32  // k_bwd_reduce: threads (parts of the rows) per channel (v18: 32, was 8)
+#endif
 __global__ void __launch_bounds__(NSCAN * NRED) k_bwd_reduce(WkvBwdArgs A) {
   __shared__ float part_w[NRED][NSCAN], part_u[NRED][NSCAN];
   const int c = blockIdx.x * NSCAN + threadIdx.x;
