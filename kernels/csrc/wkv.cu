@@ -13,7 +13,6 @@
 #include <stdint.h>
 #include <cuda_pipeline.h>
 
-#define NTHREADS 128
 #define NSCAN 32  // threads per block of the scans (one per channel)
 
 // Copy rows [0, rows) x channels [c0, c0 + NTHREADS) of a (rows, C) slab into shared memory
@@ -32,6 +31,7 @@ __device__ __forceinline__ void tile_load(in_t* __restrict__ sm, const in_t* __r
       __pipeline_memcpy_async(sm + r * NTHREADS + q * PER, gsrc + (size_t)r * C + c0 + q * PER, 16);
     }
   } else {
+#pragma unroll 1   // the rare case (C not a multiple of 8, the last channel tile): little code
     for (int i = threadIdx.x; i < rows * NTHREADS; i += NTHREADS) {
       const int r = i / NTHREADS, q = i - r * NTHREADS;
       if (c0 + q < C) sm[i] = gsrc[(size_t)r * C + c0 + q];
@@ -54,7 +54,7 @@ __device__ __forceinline__ void tile_load(in_t* __restrict__ sm, const in_t* __r
 #define WKV_MINB_BWD_OUT 5
 #endif
 template <int NT>
-constexpr int smem_bytes() { return WKV_NBUF * NT * WTILE * (int)sizeof(in_t); }
+__host__ __device__ constexpr int smem_bytes() { return WKV_NBUF * NT * WTILE * (int)sizeof(in_t); }
 
 // The block's chunk [t0, t1) of NT inputs (k, v and, when NT == 3, gy), window by window (the last
 // first when REV): each window is staged in shared memory (WKV_NBUF buffers; with 2 the next
@@ -223,13 +223,16 @@ __global__ void __launch_bounds__(2 * NSCAN) k_bwd_scan(WkvBwdArgs A) {
 __global__ void __launch_bounds__(NTHREADS, WKV_MINB_BWD_OUT) k_bwd_out(WkvBwdArgs A) {
   CHUNK_THREAD
   BwdOut S;
-  if (on) S.init(A, b, n, c);
+  extern __shared__ __align__(16) unsigned char smraw[];   // the sub-chunk state slots after the tiles
+  if (on) S.init(A, b, n, c, t0, t1, reinterpret_cast<float*>(smraw + smem_bytes<3>()) + threadIdx.x);
   each_window<3, true>(A.g, A.k, A.v, A.gy, b, t0, t1, on,
                        [&](int w0, int w1, Col K, Col V, Col G) { S.run(A, b, n, c, t0, w0, w1, K, V, G); });
   if (on) S.finish(A, b, n, c);
 }
 
-#define NRED 8   // k_bwd_reduce: threads (parts of the rows) per channel
+#ifndef NRED
+#define NRED 32  // k_bwd_reduce: threads (parts of the rows) per channel (v18: 32, was 8)
+#endif
 __global__ void __launch_bounds__(NSCAN * NRED) k_bwd_reduce(WkvBwdArgs A) {
   __shared__ float part_w[NRED][NSCAN], part_u[NRED][NSCAN];
   const int c = blockIdx.x * NSCAN + threadIdx.x;
@@ -250,12 +253,12 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   dim3 blk(NTHREADS);
   const int cb = (g.C + NTHREADS - 1) / NTHREADS;
   dim3 grid_chunks(cb, g.NC, g.B);
-  const int sm3 = smem_bytes<3>();
+  const int sm3 = smem_bytes<3>(), sm3o = sm3 + 6 * NTHREADS * (int)sizeof(float);   // + BwdOut's slots
   static bool done[256] = {};
-  set_smem(done, (const void*)k_bwd_local, (const void*)k_bwd_out, sm3);
+  set_smem(done, (const void*)k_bwd_local, (const void*)k_bwd_out, sm3o);
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);
   launch_scans(A, stream, k_bwd_gsum, k_bwd_gscan, k_bwd_scan);
-  k_bwd_out<<<grid_chunks, blk, sm3, stream>>>(A);
+  k_bwd_out<<<grid_chunks, blk, sm3o, stream>>>(A);
   k_bwd_reduce<<<dim3((g.C + NSCAN - 1) / NSCAN), dim3(NSCAN, NRED), 0, stream>>>(A);
   return cudaGetLastError();
 }

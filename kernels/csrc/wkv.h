@@ -12,6 +12,7 @@
 #define WKV_SUB 8     // backward: tokens kept in registers while walking a chunk in reverse
 #endif
 #define WKV_NEG (-1e38f)
+#define NTHREADS 128  // threads of a chunk kernel's block (channels of its tile)
 // Chunk kernels: tokens of inputs staged in shared memory at a time (a multiple of WKV_SUB, at most
 // WKV_CH), and how many such windows are in flight (2: the next window's copy overlaps this one's work).
 #ifndef WKV_WIN

@@ -15,6 +15,7 @@
 #include "wkv.h"
 
 #if defined(__CUDACC__)
+#include <cuda_pipeline.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define WKV_UNROLL _Pragma("unroll")
@@ -395,14 +396,64 @@ WKV_DEV void fwd_mediums_starts(const WkvFwdArgs& A, int b, int gm, int c) {
   if (gm == g.NGM - 1) { A.maT[bc] = a; A.mbT[bc] = bb; A.mpT[bc] = cur_p(p, pn, wm); }
 }
 
-// Outputs of one chunk from its start state.
+// The scaled path (k_fwd_out, k_bwd_local). Within one
+// stretch of WKV_SUB tokens, with one reference R at least every exponent in it (the start state's,
+// every u + k, the mediums'), every sum is a plain recurrence with the constant factor e^{-w}:
+//   A'_{t+1} = e^{-w} A'_t + e^{k_t - R} v_t,
+//   y_t = (A'_t + e^u e^{k_t - R} v_t + MA') / (B'_t + e^u e^{k_t - R} + MB'),
+// one exponential a token and no running maximum, and the output adjoints gy / D likewise (on the
+// scale e^{+R}). It is taken where every token's own term e^{u + k_t - R} is above e^{-WKV_SPAN} (so no
+// denominator is smaller, nothing overflows, and what underflows is below the float range in the
+// log-space path's results too); elsewhere the log-space path runs, exact for any inputs. This is
+// v6's scaled path, removed in v7 when the kernels were bound by latency (16 warps an SM); since v8's
+// windows they are bound by instruction issue, and in v18 it took k_bwd_local from 0.074 to 0.060 ms
+// at (8,1024,2048) on the H100.
+#ifndef WKV_SCALED
+#define WKV_SCALED 1   // 0: the log-space path only
+#endif
+#define WKV_SPAN 50.f
+
+struct Scale {
+  float R, ew, eu;   // ew = e^{-w}, eu = e^u: the chunk's, set by the caller
+  // The reference of tokens [tb, te) (window from w0) after a state of log scale p; M: the medium cursor
+  // at tb. False where the sub-chunk needs the log-space path.
+  WKV_DEV bool init(const WkvGeo& g, const float* ms_p, int b, int c, const MedCursor& M, int tb, int te, int w0,
+                    Col K, float p, float u) {
+    float kmin = K(tb - w0), kmax = kmin;
+    WKV_UNROLL
+    for (int i = 1; i < WKV_SUB; i++)
+      if (tb + i < te) {
+        const float k = K(tb + i - w0);
+        kmin = fminf(kmin, k);
+        kmax = fmaxf(kmax, k);
+      }
+    R = fmaxf(p, kmax + fmaxf(u, 0.f));
+    if (g.s > 0) {
+      R = fmaxf(R, M.mP);
+      // the later segments that the sub-chunk enters
+      for (int r = M.r + 1, rest = M.pos + (te - tb) - g.s; rest > 0; r++, rest -= g.s)
+        R = fmaxf(R, ms_p[((size_t)b * g.J + r) * g.C + c]);
+    }
+    return WKV_SCALED && R - u - kmin <= WKV_SPAN;
+  }
+  // The medium sums of the cursor's segment on this scale.
+  WKV_DEV void medium(const MedCursor& M, float& mA, float& mB) const {
+    const float e = ex(M.mP - R);
+    mA = M.mA * e;
+    mB = M.mB * e;
+  }
+};
+
+// Outputs of one chunk from its start state, in stretches of WKV_SUB tokens, each on the scaled path
+// where its inputs allow.
 struct FwdOut {
-  float w, u, a, bb, p, pn;
+  float w, u, ew, eu, a, bb, p, pn;
   MedCursor M;
   in_t* y;
   WKV_DEV void init(const WkvFwdArgs& A, int b, int n, int c, int t0) {
     const WkvGeo& g = A.g;
     w = ex(A.td[c]); u = A.tf[c];
+    ew = ex(-w); eu = ex(u);
     y = (in_t*)A.y + (size_t)b * g.T * g.C + c;
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     a = A.cs_a[o]; bb = A.cs_b[o]; p = A.cs_p[o]; pn = 0.f;
@@ -410,13 +461,42 @@ struct FwdOut {
   }
   WKV_DEV void run(const WkvFwdArgs& A, int b, int c, int w0, int w1, Col K, Col V) {
     const WkvGeo& g = A.g;
-    each_token<U, false>(w0, w1, K, V, Col{nullptr, 0}, [&](int t, float k, float v, float gy) {
-      M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+#pragma unroll 1
+    for (int tb = w0; tb < w1; tb += WKV_SUB) {
+      const int te = wkv_min(tb + WKV_SUB, w1);
+      Scale S;
+      S.ew = ew; S.eu = eu;
       const float pc = cur_p(p, pn, w);
-      y[(size_t)t * g.C] = from_f(tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP).y);
-      dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
-      M.pos++;
-    });
+      if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
+        const float e = ex(pc - S.R);
+        a *= e; bb *= e;
+        float mA, mB;
+        S.medium(M, mA, mB);
+        WKV_UNROLL
+        for (int i = 0; i < WKV_SUB; i++) {
+          if (tb + i < te) {
+            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+            const float kx = K(tb + i - w0), vx = V(tb + i - w0);
+            const float x = ex(kx - S.R), xu = eu * x;
+            y[(size_t)(tb + i) * g.C] = from_f(dv(a + xu * vx + mA, bb + xu + mB));
+            a = fmaf(ew, a, x * vx);
+            bb = fmaf(ew, bb, x);
+            M.pos++;
+          }
+        }
+        p = S.R; pn = 0.f;
+      } else {
+        each_token<U, false>(tb, te, Col{K.p + (size_t)(tb - w0) * K.stride, K.stride},
+                             Col{V.p + (size_t)(tb - w0) * V.stride, V.stride}, Col{nullptr, 0},
+                             [&](int t, float k, float v, float gy) {
+          M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+          const float pq = cur_p(p, pn, w);
+          y[(size_t)t * g.C] = from_f(tok_out(a, bb, pq, k, v, u, M.mA, M.mB, M.mP).y);
+          dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+          M.pos++;
+        });
+      }
+    }
   }
 };
 
@@ -425,7 +505,7 @@ struct FwdOut {
 // (1) decayed to the chunk start: sum_t e^{-(t-t0) w} gN_t, (2) per segment (undecayed).
 // Also saves the token state at every sub-chunk start, for bwd_out.
 struct BwdLocal {
-  float w, u, a, bb, p, pn;
+  float w, u, ew, eu, a, bb, p, pn;
   MedCursor M;
   float ra, rb, rp;   // reverse sum decayed to t0
   float sa, sb, sp;   // segment sum
@@ -434,36 +514,90 @@ struct BwdLocal {
     const WkvGeo& g = A.g;
     t0 = t0_;
     w = ex(A.td[c]); u = A.tf[c];
+    ew = ex(-w); eu = ex(u);
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     a = A.cs_a[o]; bb = A.cs_b[o]; p = A.cs_p[o]; pn = 0.f;
     M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, t0);
     ra = 0.f; rb = 0.f; rp = WKV_NEG;
     sa = 0.f; sb = 0.f; sp = WKV_NEG;
   }
+  // Segment r ends at token t in this chunk (s <= WKV_CH): its sum goes out.
+  WKV_DEV void segment_end(const WkvBwdArgs& A, int b, int c) {
+    const size_t os = ((size_t)b * A.g.npiece + M.r) * A.g.C + c;
+    A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
+    sa = 0.f; sb = 0.f; sp = WKV_NEG;
+  }
+  // The window [w0, w1) in sub-chunks of WKV_SUB tokens (the windows start at sub-chunk starts), each on
+  // the scaled path (see Scale) where its inputs allow.
   WKV_DEV void run(const WkvBwdArgs& A, int b, int n, int c, int t1, int w0, int w1, Col K, Col V, Col G) {
     const WkvGeo& g = A.g;
-    each_token<UB, true>(w0, w1, K, V, G, [&](int t, float k, float v, float gy) {
-      M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+#pragma unroll 1
+    for (int tb = w0; tb < w1; tb += WKV_SUB) {
+      const int te = wkv_min(tb + WKV_SUB, w1);
       const float pc = cur_p(p, pn, w);
-      if (((t - t0) & (WKV_SUB - 1)) == 0) {     // sub-chunk start state, for bwd_out
+      {   // the sub-chunk's start state, for bwd_out
         const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
-                            (t - t0) / WKV_SUB) * g.C + c;
+                            (tb - t0) / WKV_SUB) * g.C + c;
         A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
       }
-      const TokOut q = tok_out(a, bb, pc, k, v, u, M.mA, M.mB, M.mP);
-      const float gn = dv(gy, q.den);
-      lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
-      if (g.s > 0) {
-        lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
-        if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
-          const size_t os = ((size_t)b * g.npiece + M.r) * g.C + c;
-          A.s_a[os] = sa; A.s_b[os] = sb; A.s_p[os] = sp;
-          sa = 0.f; sb = 0.f; sp = WKV_NEG;
+      Scale S;
+      S.ew = ew; S.eu = eu;
+      if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
+        const float e = ex(pc - S.R);
+        a *= e; bb *= e;
+        float mA, mB;
+        S.medium(M, mA, mB);
+        // The sub-chunk's output adjoints gy / D on the scale e^{-R}: decayed to tb (Ra, Rb), and undecayed
+        // for the current segment (Sa, Sb).
+        float Ra = 0.f, Rb = 0.f, f = 1.f, Sa = 0.f, Sb = 0.f;
+        WKV_UNROLL
+        for (int i = 0; i < WKV_SUB; i++) {
+          const int t = tb + i;
+          if (t < te) {
+            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
+            const float kx = K(t - w0), vx = V(t - w0), gx = G(t - w0);
+            const float x = ex(kx - S.R), xu = eu * x;
+            const float den = bb + xu + mB;
+            const float y = dv(a + xu * vx + mA, den), tg = dv(gx, den);
+            Ra = fmaf(f, tg, Ra);
+            Rb = fmaf(-f * tg, y, Rb);
+            f *= ew;
+            if (g.s > 0) {
+              Sa += tg;
+              Sb = fmaf(-tg, y, Sb);
+              if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) {   // segment r ends in this chunk
+                lse_add(sa, sb, sp, Sa, Sb, -S.R);
+                segment_end(A, b, c);
+                Sa = 0.f; Sb = 0.f;
+              }
+            }
+            a = fmaf(ew, a, x * vx);
+            bb = fmaf(ew, bb, x);
+            M.pos++;
+          }
         }
+        lse_add(ra, rb, rp, Ra, Rb, -S.R - (float)(tb - t0) * w);
+        if (g.s > 0) lse_add(sa, sb, sp, Sa, Sb, -S.R);
+        p = S.R; pn = 0.f;
+      } else {
+        each_token<UB, true>(tb, te, Col{K.p + (size_t)(tb - w0) * K.stride, K.stride},
+                             Col{V.p + (size_t)(tb - w0) * V.stride, V.stride},
+                             Col{G.p + (size_t)(tb - w0) * G.stride, G.stride},
+                             [&](int t, float k, float v, float gy) {
+          M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
+          const float pq = cur_p(p, pn, w);
+          const TokOut q = tok_out(a, bb, pq, k, v, u, M.mA, M.mB, M.mP);
+          const float gn = dv(gy, q.den);
+          lse_add(ra, rb, rp, gn, -gn * q.y, -(float)(t - t0) * w - q.m);
+          if (g.s > 0) {
+            lse_add(sa, sb, sp, gn, -gn * q.y, -q.m);
+            if (g.s <= WKV_CH && (M.pos == g.s - 1 || t == t1 - 1)) segment_end(A, b, c);   // segment r ends
+          }
+          dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
+          M.pos++;
+        });
       }
-      dec_add(a, bb, p, pn, w, 1.f, v, 1.f, k);
-      M.pos++;
-    });
+    }
   }
   WKV_DEV void finish(const WkvBwdArgs& A, int b, int n, int c) {
     const WkvGeo& g = A.g;
@@ -637,11 +771,11 @@ WKV_DEV void bwd_mediums_out(const WkvBwdArgs& A, int b, int gm, int c) {
 // the token state is carried as (ga, gb) * exp(cur_p(gq, gn, w)). The windows come last first.
 struct Adj { float ga, gb, gq, gn, gw, gu; };
 
-WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, float a, float bb,
+// M: the medium cursor at tb. (The scaled path, tried here in v18, was no faster: k_bwd_out is bound
+// by its memory traffic and the latency of its loads more than by its instructions.)
+WKV_DEV void bwd_out_sub(const WkvBwdArgs& A, int b, int c, int w0, int tb, int te, MedCursor M, float a, float bb,
                          float p, Col K, Col V, Col G, in_t* gk, in_t* gv, float w, float u, Adj& J) {
   const WkvGeo& g = A.g;
-  MedCursor M;
-  M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
   float ta[WKV_SUB], tbb[WKV_SUB], tp[WKV_SUB], tm[WKV_SUB], tgn[WKV_SUB], ty[WKV_SUB], tgx[WKV_SUB];
   float pn = 0.f;
   WKV_UNROLL
@@ -680,7 +814,37 @@ struct BwdOut {
   float w, u;
   Adj J;   // adjoint of the state after the part of the chunk walked so far
   in_t *gk, *gv;
-  WKV_DEV void init(const WkvBwdArgs& A, int b, int n, int c) {
+  // The state before each sub-chunk (saved by bwd_local) is fetched one sub-chunk ahead: on the GPU
+  // by asynchronous copies into this thread's two slots of 3 floats in shared memory (slot[k * NTHREADS],
+  // k = 3 * (j & 1) + q), so that neither the load's latency nor registers are spent; on the host
+  // read when needed.
+  float* slot;
+  WKV_DEV void fetch(const WkvBwdArgs& A, int b, int n, int c, int j) {
+#if defined(__CUDACC__)
+    constexpr int NS = WKV_CH / WKV_SUB;
+    const size_t oss = ((size_t)b * A.g.NC * NS + (size_t)n * NS + j) * A.g.C + c;
+    float* d = slot + 3 * (j & 1) * NTHREADS;
+    __pipeline_memcpy_async(d, A.ss_a + oss, 4);
+    __pipeline_memcpy_async(d + NTHREADS, A.ss_b + oss, 4);
+    __pipeline_memcpy_async(d + 2 * NTHREADS, A.ss_p + oss, 4);
+    __pipeline_commit();
+#endif
+  }
+  // The state before sub-chunk j (fetched), once sub-chunk j - 1's fetch is issued where j > 0.
+  WKV_DEV void take(const WkvBwdArgs& A, int b, int n, int c, int j, float& a, float& bb, float& p) {
+#if defined(__CUDACC__)
+    if (j > 0) __pipeline_wait_prior(1);
+    else __pipeline_wait_prior(0);
+    const float* d = slot + 3 * (j & 1) * NTHREADS;
+    a = d[0]; bb = d[NTHREADS]; p = d[2 * NTHREADS];
+#else
+    constexpr int NS = WKV_CH / WKV_SUB;
+    const size_t oss = ((size_t)b * A.g.NC * NS + (size_t)n * NS + j) * A.g.C + c;
+    a = A.ss_a[oss]; bb = A.ss_b[oss]; p = A.ss_p[oss];
+#endif
+  }
+  WKV_DEV void init(const WkvBwdArgs& A, int b, int n, int c, int t0, int t1, float* slot_) {
+    slot = slot_;
     const WkvGeo& g = A.g;
     w = ex(A.td[c]); u = A.tf[c];
     const size_t base_bt = (size_t)b * g.T * g.C + c;
@@ -688,18 +852,21 @@ struct BwdOut {
     gv = (in_t*)A.gv + base_bt;
     const size_t o = ((size_t)b * g.NC + n) * g.C + c;
     J = Adj{A.r_a[o], A.r_b[o], A.r_p[o], 0.f, 0.f, 0.f};
+    fetch(A, b, n, c, (t1 - t0 - 1) / WKV_SUB);
   }
   // The window [w0, w1) of the chunk starting at t0, its sub-chunks last first.
   WKV_DEV void run(const WkvBwdArgs& A, int b, int n, int c, int t0, int w0, int w1, Col K, Col V, Col G) {
-    constexpr int NS = WKV_CH / WKV_SUB;
     const WkvGeo& g = A.g;
     const int j0 = (w0 - t0) / WKV_SUB, j1 = (w1 - t0 + WKV_SUB - 1) / WKV_SUB;
 #pragma unroll 1
     for (int j = j1 - 1; j >= j0; j--) {
-      const int tb = t0 + j * WKV_SUB;
-      const size_t oss = ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
-      const float a = A.ss_a[oss], bb = A.ss_b[oss], p = A.ss_p[oss];   // the state before tb
-      bwd_out_sub(A, b, c, w0, tb, w1, a, bb, p, K, V, G, gk, gv, w, u, J);
+      const int tb = t0 + j * WKV_SUB, te = wkv_min(tb + WKV_SUB, w1);
+      if (j > 0) fetch(A, b, n, c, j - 1);
+      float a, bb, p;   // the state before tb
+      take(A, b, n, c, j, a, bb, p);
+      MedCursor M;
+      M.start(A.ms_a, A.ms_b, A.ms_p, g, b, c, tb);
+      bwd_out_sub(A, b, c, w0, tb, te, M, a, bb, p, K, V, G, gk, gv, w, u, J);
     }
   }
   WKV_DEV void finish(const WkvBwdArgs& A, int b, int n, int c) {

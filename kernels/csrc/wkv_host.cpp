@@ -99,7 +99,7 @@ void wkv_backward_host(const WkvBwdArgs& A) {
   if (g.s > 0) scan_host(A, g.NGM, bwd_mediums_group_sum, bwd_mediums_group_scan, bwd_mediums_out);
   each_chunk(g, [&](int b, int n, int c, int t0, int t1) {
     BwdOut S;
-    S.init(A, b, n, c);
+    S.init(A, b, n, c, t0, t1, nullptr);
     each_window(t0, t1, true, [&](int w0, int w1) {
       S.run(A, b, n, c, t0, w0, w1, col(A.k, g, b, w0, c), col(A.v, g, b, w0, c), col(A.gy, g, b, w0, c));
     });
