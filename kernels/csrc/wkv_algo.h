@@ -501,6 +501,12 @@ struct FwdOut {
 };
 
 // ---------------------------------------------------------------- backward
+// Where the token state before sub-chunk j of chunk n is saved (bwd_local) for bwd_out: (B, NC * CH / SUB, C).
+WKV_DEV size_t ss_index(const WkvGeo& g, int b, int n, int j, int c) {
+  constexpr int NS = WKV_CH / WKV_SUB;
+  return ((size_t)b * g.NC * NS + (size_t)n * NS + j) * g.C + c;
+}
+
 // Chunk-local sums of the output adjoints: gN_t = gy_t / D_t and gD_t = -gy_t y_t / D_t,
 // (1) decayed to the chunk start: sum_t e^{-(t-t0) w} gN_t, (2) per segment (undecayed).
 // Also saves the token state at every sub-chunk start, for bwd_out.
@@ -536,8 +542,7 @@ struct BwdLocal {
       const int te = wkv_min(tb + WKV_SUB, w1);
       const float pc = cur_p(p, pn, w);
       {   // the sub-chunk's start state, for bwd_out
-        const size_t oss = ((size_t)b * g.NC * (WKV_CH / WKV_SUB) + (size_t)n * (WKV_CH / WKV_SUB) +
-                            (tb - t0) / WKV_SUB) * g.C + c;
+        const size_t oss = ss_index(g, b, n, (tb - t0) / WKV_SUB, c);
         A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
       }
       Scale S;
@@ -821,8 +826,7 @@ struct BwdOut {
   float* slot;
   WKV_DEV void fetch(const WkvBwdArgs& A, int b, int n, int c, int j) {
 #if defined(__CUDACC__)
-    constexpr int NS = WKV_CH / WKV_SUB;
-    const size_t oss = ((size_t)b * A.g.NC * NS + (size_t)n * NS + j) * A.g.C + c;
+    const size_t oss = ss_index(A.g, b, n, j, c);
     float* d = slot + 3 * (j & 1) * NTHREADS;
     __pipeline_memcpy_async(d, A.ss_a + oss, 4);
     __pipeline_memcpy_async(d + NTHREADS, A.ss_b + oss, 4);
@@ -838,8 +842,7 @@ struct BwdOut {
     const float* d = slot + 3 * (j & 1) * NTHREADS;
     a = d[0]; bb = d[NTHREADS]; p = d[2 * NTHREADS];
 #else
-    constexpr int NS = WKV_CH / WKV_SUB;
-    const size_t oss = ((size_t)b * A.g.NC * NS + (size_t)n * NS + j) * A.g.C + c;
+    const size_t oss = ss_index(A.g, b, n, j, c);
     a = A.ss_a[oss]; bb = A.ss_b[oss]; p = A.ss_p[oss];
 #endif
   }
