@@ -100,6 +100,7 @@ struct Col {
   const in_t* p;
   int stride;
   WKV_DEV float operator()(int i) const { return to_f(p[(size_t)i * stride]); }
+  WKV_DEV Col from(int i) const { return Col{p + (size_t)i * stride, stride}; }   // from element i on
 };
 
 // f(t, k_t, v_t, gy_t) for every token t in [t0, t1) in order; the inputs of N tokens are read
@@ -414,7 +415,7 @@ WKV_DEV void fwd_mediums_starts(const WkvFwdArgs& A, int b, int gm, int c) {
 #define WKV_SPAN 50.f
 
 struct Scale {
-  float R, ew, eu;   // ew = e^{-w}, eu = e^u: the chunk's, set by the caller
+  float R;
   // The reference of tokens [tb, te) (window from w0) after a state of log scale p; M: the medium cursor
   // at tb. False where the sub-chunk needs the log-space path.
   WKV_DEV bool init(const WkvGeo& g, const float* ms_p, int b, int c, const MedCursor& M, int tb, int te, int w0,
@@ -465,7 +466,6 @@ struct FwdOut {
     for (int tb = w0; tb < w1; tb += WKV_SUB) {
       const int te = wkv_min(tb + WKV_SUB, w1);
       Scale S;
-      S.ew = ew; S.eu = eu;
       const float pc = cur_p(p, pn, w);
       if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
         const float e = ex(pc - S.R);
@@ -486,8 +486,7 @@ struct FwdOut {
         }
         p = S.R; pn = 0.f;
       } else {
-        each_token<U, false>(tb, te, Col{K.p + (size_t)(tb - w0) * K.stride, K.stride},
-                             Col{V.p + (size_t)(tb - w0) * V.stride, V.stride}, Col{nullptr, 0},
+        each_token<U, false>(tb, te, K.from(tb - w0), V.from(tb - w0), Col{nullptr, 0},
                              [&](int t, float k, float v, float gy) {
           M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
           const float pq = cur_p(p, pn, w);
@@ -546,7 +545,6 @@ struct BwdLocal {
         A.ss_a[oss] = a; A.ss_b[oss] = bb; A.ss_p[oss] = pc;
       }
       Scale S;
-      S.ew = ew; S.eu = eu;
       if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
         const float e = ex(pc - S.R);
         a *= e; bb *= e;
@@ -585,9 +583,7 @@ struct BwdLocal {
         if (g.s > 0) lse_add(sa, sb, sp, Sa, Sb, -S.R);
         p = S.R; pn = 0.f;
       } else {
-        each_token<UB, true>(tb, te, Col{K.p + (size_t)(tb - w0) * K.stride, K.stride},
-                             Col{V.p + (size_t)(tb - w0) * V.stride, V.stride},
-                             Col{G.p + (size_t)(tb - w0) * G.stride, G.stride},
+        each_token<UB, true>(tb, te, K.from(tb - w0), V.from(tb - w0), G.from(tb - w0),
                              [&](int t, float k, float v, float gy) {
           M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c);
           const float pq = cur_p(p, pn, w);
