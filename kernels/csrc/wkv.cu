@@ -253,7 +253,7 @@ cudaError_t wkv_backward_launch(const WkvBwdArgs& A, cudaStream_t stream) {
   dim3 blk(NTHREADS);
   const int cb = (g.C + NTHREADS - 1) / NTHREADS;
   dim3 grid_chunks(cb, g.NC, g.B);
-  const int sm3 = smem_bytes<3>(), sm3o = sm3 + 6 * NTHREADS * (int)sizeof(float);   // + BwdOut's slots
+  const int sm3 = smem_bytes<3>(), sm3o = sm3 + BwdOut::SLOT_FLOATS * NTHREADS * (int)sizeof(float);
   static bool done[256] = {};
   set_smem(done, (const void*)k_bwd_local, (const void*)k_bwd_out, sm3o);
   k_bwd_local<<<grid_chunks, blk, sm3, stream>>>(A);

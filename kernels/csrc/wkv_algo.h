@@ -820,6 +820,7 @@ struct BwdOut {
   // k = 3 * (j & 1) + q), so that neither the load's latency nor registers are spent; on the host
   // read when needed.
   float* slot;
+  static constexpr int SLOT_FLOATS = 6;   // shared-memory floats a thread: two slots of 3
   WKV_DEV void fetch(const WkvBwdArgs& A, int b, int n, int c, int j) {
 #if defined(__CUDACC__)
     const size_t oss = ss_index(A.g, b, n, j, c);
