@@ -10,7 +10,9 @@ fused_recurrent_rwkv4 when `fla` is importable; the pure-PyTorch reference on GP
 SDPA (causal, head size 128, same width: flash attention); and the memory floor of 18 bytes per
 element (read k, v, gy, y-related traffic as the issue counts it) at the bandwidth of a device-to-
 device copy measured in the same run. Times are medians over repetitions, CUDA events around each
-forward + backward, inputs rotated among several sets so that L2 does not hold them.
+forward + backward, inputs rotated among several sets so that L2 does not hold them; the rows "as a
+CUDA graph" time the same steps captured in a CUDA graph (GPU time per step with the gaps between
+kernels, without host overhead: graph_ms).
 """
 from __future__ import annotations
 
@@ -71,6 +73,36 @@ def kernel_times(step, sets, steps=5):
     return out
 
 
+def graph_ms(step, sets, rep=20):
+    """GPU milliseconds per step of `step` captured in a CUDA graph (one graph runs it once on each input
+    set) and replayed `rep` times back to back, between CUDA events: everything the GPU does for a
+    forward + backward, the gaps between its kernels included, without the host's launch and autograd
+    time. Kernels that start while the one before them finishes (programmatic dependent launch) count
+    once here, whereas a sum of the profiler's kernel times counts their overlap twice."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):          # warm-up off the default stream, as graph capture asks
+        for i in range(3):
+            step(sets[i % len(sets)])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for x in sets:
+            step(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(rep):
+        graph.replay()
+    e.record()
+    e.synchronize()
+    ms = s.elapsed_time(e) / (rep * len(sets))
+    del graph
+    torch.cuda.empty_cache()
+    return ms
+
+
 def own_kernel_ms(step, sets, steps=5):
     """Device time per step of this op's own CUDA kernels together (kernel_times)."""
     return sum(kernel_times(step, sets, steps).values())
@@ -82,12 +114,13 @@ def compare(shapes, dtype, interval, folders):
     build, then each kernel's time."""
     from kernels import wkv_retro
     builds = [("this", None)] + [(f, f) for f in folders]
-    per = {}
+    per, graph = {}, {}
     for shape in shapes:
         sets = wkv_inputs(*shape, interval, dtype, 3)
         for name, folder in builds:
             with use_csrc(folder):
                 per[(name, shape)] = kernel_times(wkv_step(interval, wkv_retro), sets)
+                graph[(name, shape)] = graph_ms(wkv_step(interval, wkv_retro), sets)
         del sets
         torch.cuda.empty_cache()
     print(f"\nWKV kernels (profiler), fwd+bwd, {str(dtype).replace('torch.', '')}, s={interval}, ms per step; "
@@ -100,6 +133,12 @@ def compare(shapes, dtype, interval, folders):
             tot, base = sum(per[(name, shape)].values()), sum(per[("this", shape)].values())
             cells.append(f"{tot:.3f} ({tot / base:.3f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nThe same steps as CUDA graphs (graph_ms: GPU time per fwd+bwd, gaps between kernels included)")
+    print("| build | " + " | ".join(f"({B},{T},{C})" for B, T, C in shapes) + " |")
+    print("|" + "---|" * (len(shapes) + 1))
+    for name, _ in builds:
+        print(f"| {name} | " + " | ".join(
+            f"{graph[(name, sh)]:.3f} ({graph[(name, sh)] / graph[('this', sh)]:.3f}x)" for sh in shapes) + " |")
     for shape in shapes:
         names = sorted(per[("this", shape)], key=lambda k: -per[("this", shape)][k])
         print(f"per kernel at {shape}: " + "; ".join(
@@ -226,13 +265,17 @@ def bench(shapes, dtype, interval, rep, baseline=None):
         sets_m = wkv_inputs(B, T, C, interval, dtype, n_sets)
         res["kernel, mediums (s=%d)" % interval] = time_fn(wkv_step(interval, wkv_retro), sets_m, rep=rep)
         res["  its CUDA kernels only (profiler)"] = own_kernel_ms(wkv_step(interval, wkv_retro), sets_m)
+        res["  the step as a CUDA graph (GPU time, gaps included)"] = graph_ms(wkv_step(interval, wkv_retro), sets_m)
         if baseline:     # the same rows for the baseline sources, on the same inputs, in this process
             with use_csrc(baseline):
                 res["baseline sources, mediums (s=%d)" % interval] = time_fn(wkv_step(interval, wkv_retro), sets_m,
                                                                            rep=rep)
                 res["  baseline's CUDA kernels only (profiler)"] = own_kernel_ms(wkv_step(interval, wkv_retro), sets_m)
+                res["  baseline's step as a CUDA graph"] = graph_ms(wkv_step(interval, wkv_retro), sets_m)
             res["  ratio of CUDA kernel times, this / baseline"] = (res["  its CUDA kernels only (profiler)"] /
                                                                     res["  baseline's CUDA kernels only (profiler)"])
+            res["  ratio of CUDA graph times, this / baseline"] = (
+                res["  the step as a CUDA graph (GPU time, gaps included)"] / res["  baseline's step as a CUDA graph"])
         del sets_m
         sets_w = wkv_inputs(B, T, C, interval, dtype, n_sets, wide_keys=True)
         res["kernel, mediums, keys in [-30, 30]"] = time_fn(wkv_step(interval, wkv_retro), sets_w, rep=rep)
@@ -261,6 +304,7 @@ def bench(shapes, dtype, interval, rep, baseline=None):
         torch.cuda.empty_cache()
         sets_a = sdpa_inputs(B, T, C, dtype, n_sets)
         res["SDPA causal, head 128 (flash)"] = time_fn(sdpa_step, sets_a, rep=rep)
+        res["  SDPA as a CUDA graph"] = graph_ms(sdpa_step, sets_a)
         del sets_a
         torch.cuda.empty_cache()
         res["memory floor (18 B/elt at copy bw)"] = 18 * (esize / 2) * B * T * C / (bw * 1e9) * 1e3
