@@ -47,6 +47,23 @@ void check_opt(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
 
 float* fp(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
+// Part i of `parts` equal parts of a contiguous float tensor (t[i] of its first dimension) as a pointer:
+// no view is made (each costs host time on every call).
+float* part(const at::Tensor& t, int i, int parts) { return t.numel() ? t.data_ptr<float>() + t.numel() / parts * i : nullptr; }
+
+// The scratch arrays of a pass, carved out of one allocation (one call to the allocator instead of one
+// per array); take(0) gives null, as fp() of an empty tensor.
+struct Scratch {
+  at::Tensor buf;
+  float* next;
+  Scratch(int64_t floats, const at::TensorOptions& f32) : buf(at::empty({floats}, f32)), next(fp(buf)) {}
+  float* take(int64_t floats) {
+    float* r = floats ? next : nullptr;
+    next += floats;
+    return r;
+  }
+};
+
 }  // namespace
 
 // Returns y, the outgoing state (aa, bb, pp, ma, mb, mp) and what the backward needs
@@ -82,8 +99,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, 
   at::Tensor maT = at::empty({B, Cm}, f32), mbT = at::empty({B, Cm}, f32), mpT = at::empty({B, Cm}, f32);
   at::Tensor cs = at::empty({3, B, g.NC, C}, f32);
   at::Tensor ms = at::empty({3, B, Jm, C}, f32);
-  at::Tensor loc = at::empty({3, B, g.NC, C}, f32);
-  at::Tensor tg = at::empty({3, B, g.NG, C}, f32), mg = at::empty({3, B, g.NGM, C}, f32);
+  Scratch sc(3 * B * C * ((int64_t)g.NC + g.NG + g.NGM), f32);
   WkvFwdArgs A;
   A.g = g;
   A.td = fp(td); A.tf = fp(tf); A.md = interval > 0 ? fp(md) : nullptr;
@@ -93,11 +109,12 @@ std::vector<at::Tensor> wkv_forward(at::Tensor td, at::Tensor tf, at::Tensor k, 
   A.ma = interval > 0 ? fp(ma) : nullptr; A.mb = interval > 0 ? fp(mb) : nullptr; A.mp = interval > 0 ? fp(mp) : nullptr;
   A.y = y.data_ptr();
   A.aaT = fp(aaT); A.bbT = fp(bbT); A.ppT = fp(ppT); A.maT = fp(maT); A.mbT = fp(mbT); A.mpT = fp(mpT);
-  A.cs_a = fp(cs[0]); A.cs_b = fp(cs[1]); A.cs_p = fp(cs[2]);
-  A.ms_a = Jm ? fp(ms[0]) : nullptr; A.ms_b = Jm ? fp(ms[1]) : nullptr; A.ms_p = Jm ? fp(ms[2]) : nullptr;
-  A.loc_a = fp(loc[0]); A.loc_b = fp(loc[1]); A.loc_p = fp(loc[2]);
-  A.tg_a = fp(tg[0]); A.tg_b = fp(tg[1]); A.tg_p = fp(tg[2]);
-  A.mg_a = fp(mg[0]); A.mg_b = fp(mg[1]); A.mg_p = fp(mg[2]);
+  A.cs_a = part(cs, 0, 3); A.cs_b = part(cs, 1, 3); A.cs_p = part(cs, 2, 3);
+  A.ms_a = part(ms, 0, 3); A.ms_b = part(ms, 1, 3); A.ms_p = part(ms, 2, 3);
+  const int64_t nloc = B * g.NC * C, ntg = B * g.NG * C, nmg = B * g.NGM * C;
+  A.loc_a = sc.take(nloc); A.loc_b = sc.take(nloc); A.loc_p = sc.take(nloc);
+  A.tg_a = sc.take(ntg); A.tg_b = sc.take(ntg); A.tg_p = sc.take(ntg);
+  A.mg_a = sc.take(nmg); A.mg_b = sc.take(nmg); A.mg_p = sc.take(nmg);
 #ifdef WKV_HOST
   wkv_forward_host(A);
 #else
@@ -138,12 +155,11 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   at::Tensor gmd = at::empty({interval > 0 ? C : 0}, f32);
   at::Tensor gmk = at::empty({B, Jm, interval > 0 ? C : 0}, f32), gmv = at::empty_like(gmk);
   at::Tensor gst = at::empty({6, B, C}, f32);
-  at::Tensor rr = at::empty({3, B, g.NC, C}, f32);
-  at::Tensor ss = at::empty({3, B, interval > 0 ? g.npiece : 0, C}, f32);
-  at::Tensor pwu = at::empty({2, B, g.NC, C}, f32);
-  at::Tensor pwm = at::empty({B, g.NGM, C}, f32);
-  at::Tensor tg = at::empty({3, B, g.NG, C}, f32), mg = at::empty({3, B, g.NGM, C}, f32);
-  at::Tensor ssub = at::empty({3, B, (int64_t)g.NC * (WKV_CH / WKV_SUB), C}, f32);
+  // scratch: r (3 x chunks), s (3 x pieces), pw and pu (2 x chunks), pwm, tg (3 x token groups), mg
+  // (3 x medium groups), the sub-chunk states (3 x chunks x CH / SUB), each (B, *, C)
+  const int64_t nr = B * g.NC * C, ns = B * (interval > 0 ? g.npiece : 0) * C, ntg = B * g.NG * C;
+  const int64_t nmg = B * g.NGM * C, nsub = nr * (WKV_CH / WKV_SUB);
+  Scratch sc(3 * nr + 3 * ns + 2 * nr + nmg + 3 * ntg + 3 * nmg + 3 * nsub, f32);
   WkvBwdArgs A;
   A.g = g;
   const bool med = interval > 0;
@@ -155,19 +171,19 @@ std::vector<at::Tensor> wkv_backward(at::Tensor td, at::Tensor tf, at::Tensor k,
   A.ppT = fp(ppT); A.mpT = med ? fp(mpT) : nullptr;
   A.gaaT = fp(gaaT); A.gbbT = fp(gbbT);
   A.gmaT = med ? fp(gmaT) : nullptr; A.gmbT = med ? fp(gmbT) : nullptr;
-  A.cs_a = fp(cs[0]); A.cs_b = fp(cs[1]); A.cs_p = fp(cs[2]);
-  A.ms_a = med ? fp(ms[0]) : nullptr; A.ms_b = med ? fp(ms[1]) : nullptr; A.ms_p = med ? fp(ms[2]) : nullptr;
+  A.cs_a = part(cs, 0, 3); A.cs_b = part(cs, 1, 3); A.cs_p = part(cs, 2, 3);
+  A.ms_a = med ? part(ms, 0, 3) : nullptr; A.ms_b = med ? part(ms, 1, 3) : nullptr; A.ms_p = med ? part(ms, 2, 3) : nullptr;
   A.gk = gk.data_ptr(); A.gv = gv.data_ptr();
   A.gtd = fp(gtd); A.gtf = fp(gtf); A.gmd = med ? fp(gmd) : nullptr;
   A.gmk = med ? fp(gmk) : nullptr; A.gmv = med ? fp(gmv) : nullptr;
-  A.gaa = fp(gst[0]); A.gbb = fp(gst[1]); A.gpp = fp(gst[2]);
-  A.gma = fp(gst[3]); A.gmb = fp(gst[4]); A.gmp = fp(gst[5]);
-  A.r_a = fp(rr[0]); A.r_b = fp(rr[1]); A.r_p = fp(rr[2]);
-  A.s_a = med ? fp(ss[0]) : nullptr; A.s_b = med ? fp(ss[1]) : nullptr; A.s_p = med ? fp(ss[2]) : nullptr;
-  A.ss_a = fp(ssub[0]); A.ss_b = fp(ssub[1]); A.ss_p = fp(ssub[2]);
-  A.pw = fp(pwu[0]); A.pu = fp(pwu[1]); A.pwm = fp(pwm);
-  A.tg_a = fp(tg[0]); A.tg_b = fp(tg[1]); A.tg_p = fp(tg[2]);
-  A.mg_a = fp(mg[0]); A.mg_b = fp(mg[1]); A.mg_p = fp(mg[2]);
+  A.gaa = part(gst, 0, 6); A.gbb = part(gst, 1, 6); A.gpp = part(gst, 2, 6);
+  A.gma = part(gst, 3, 6); A.gmb = part(gst, 4, 6); A.gmp = part(gst, 5, 6);
+  A.r_a = sc.take(nr); A.r_b = sc.take(nr); A.r_p = sc.take(nr);
+  A.s_a = sc.take(ns); A.s_b = sc.take(ns); A.s_p = sc.take(ns);
+  A.pw = sc.take(nr); A.pu = sc.take(nr); A.pwm = sc.take(nmg);
+  A.tg_a = sc.take(ntg); A.tg_b = sc.take(ntg); A.tg_p = sc.take(ntg);
+  A.mg_a = sc.take(nmg); A.mg_b = sc.take(nmg); A.mg_p = sc.take(nmg);
+  A.ss_a = sc.take(nsub); A.ss_b = sc.take(nsub); A.ss_p = sc.take(nsub);
 #ifdef WKV_HOST
   wkv_backward_host(A);
 #else
