@@ -77,8 +77,8 @@ def graph_ms(step, sets, rep=20):
     """GPU milliseconds per step of `step` captured in a CUDA graph (one graph runs it once on each input
     set) and replayed `rep` times back to back, between CUDA events: everything the GPU does for a
     forward + backward, the gaps between its kernels included, without the host's launch and autograd
-    time. Kernels that start while the one before them finishes (programmatic dependent launch) count
-    once here, whereas a sum of the profiler's kernel times counts their overlap twice."""
+    time. Kernels that overlap (e.g. with programmatic dependent launch, tried in v20) count once
+    here, whereas a sum of the profiler's kernel times counts their overlap twice."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):          # warm-up off the default stream, as graph capture asks
