@@ -415,7 +415,8 @@ WKV_DEV void fwd_mediums_starts(const WkvFwdArgs& A, int b, int gm, int c) {
 #define WKV_SPAN 50.f
 
 struct Scale {
-  float R;
+  float R;        // the reference
+  float mA, mB;   // the medium sums of the cursor's segment on its scale (after rescale, medium)
   // The reference of tokens [tb, te) (window from w0) after a state of log scale p; M: the medium cursor
   // at tb. False where the sub-chunk needs the log-space path.
   WKV_DEV bool init(const WkvGeo& g, const float* ms_p, int b, int c, const MedCursor& M, int tb, int te, int w0,
@@ -438,10 +439,28 @@ struct Scale {
     return WKV_SCALED && R - u - kmin <= WKV_SPAN;
   }
   // The medium sums of the cursor's segment on this scale.
-  WKV_DEV void medium(const MedCursor& M, float& mA, float& mB) const {
+  WKV_DEV void medium(const MedCursor& M) {
     const float e = ex(M.mP - R);
     mA = M.mA * e;
     mB = M.mB * e;
+  }
+  // Onto this scale: the token state (a, bb) of log scale p, and the cursor's medium sums.
+  WKV_DEV void rescale(const MedCursor& M, float p, float& a, float& bb) {
+    const float e = ex(p - R);
+    a *= e; bb *= e;
+    medium(M);
+  }
+  // Token (k, v) after the state (a, bb) (eu = e^u): the numerator and denominator of its output;
+  // returns its own term e^{k - R}, with which past() moves the state past it (ew = e^-w).
+  WKV_DEV float token(float k, float v, float eu, float a, float bb, float& num, float& den) const {
+    const float x = ex(k - R), xu = eu * x;
+    num = a + xu * v + mA;
+    den = bb + xu + mB;
+    return x;
+  }
+  WKV_DEV static void past(float x, float v, float ew, float& a, float& bb) {
+    a = fmaf(ew, a, x * v);
+    bb = fmaf(ew, bb, x);
   }
 };
 
@@ -468,19 +487,16 @@ struct FwdOut {
       Scale S;
       const float pc = cur_p(p, pn, w);
       if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
-        const float e = ex(pc - S.R);
-        a *= e; bb *= e;
-        float mA, mB;
-        S.medium(M, mA, mB);
+        S.rescale(M, pc, a, bb);
         WKV_UNROLL
         for (int i = 0; i < WKV_SUB; i++) {
           if (tb + i < te) {
-            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-            const float kx = K(tb + i - w0), vx = V(tb + i - w0);
-            const float x = ex(kx - S.R), xu = eu * x;
-            y[(size_t)(tb + i) * g.C] = from_f(dv(a + xu * vx + mA, bb + xu + mB));
-            a = fmaf(ew, a, x * vx);
-            bb = fmaf(ew, bb, x);
+            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M);
+            const float vx = V(tb + i - w0);
+            float num, den;
+            const float x = S.token(K(tb + i - w0), vx, eu, a, bb, num, den);
+            y[(size_t)(tb + i) * g.C] = from_f(dv(num, den));
+            Scale::past(x, vx, ew, a, bb);
             M.pos++;
           }
         }
@@ -546,10 +562,7 @@ struct BwdLocal {
       }
       Scale S;
       if (S.init(g, A.ms_p, b, c, M, tb, te, w0, K, pc, u)) {
-        const float e = ex(pc - S.R);
-        a *= e; bb *= e;
-        float mA, mB;
-        S.medium(M, mA, mB);
+        S.rescale(M, pc, a, bb);
         // The sub-chunk's output adjoints gy / D on the scale e^{-R}: decayed to tb (Ra, Rb), and undecayed
         // for the current segment (Sa, Sb).
         float Ra = 0.f, Rb = 0.f, f = 1.f, Sa = 0.f, Sb = 0.f;
@@ -557,11 +570,11 @@ struct BwdLocal {
         for (int i = 0; i < WKV_SUB; i++) {
           const int t = tb + i;
           if (t < te) {
-            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M, mA, mB);
-            const float kx = K(t - w0), vx = V(t - w0), gx = G(t - w0);
-            const float x = ex(kx - S.R), xu = eu * x;
-            const float den = bb + xu + mB;
-            const float y = dv(a + xu * vx + mA, den), tg = dv(gx, den);
+            if (M.enter(A.ms_a, A.ms_b, A.ms_p, g, b, c)) S.medium(M);
+            const float vx = V(t - w0);
+            float num, den;
+            const float x = S.token(K(t - w0), vx, eu, a, bb, num, den);
+            const float y = dv(num, den), tg = dv(G(t - w0), den);
             Ra = fmaf(f, tg, Ra);
             Rb = fmaf(-f * tg, y, Rb);
             f *= ew;
@@ -574,8 +587,7 @@ struct BwdLocal {
                 Sa = 0.f; Sb = 0.f;
               }
             }
-            a = fmaf(ew, a, x * vx);
-            bb = fmaf(ew, bb, x);
+            Scale::past(x, vx, ew, a, bb);
             M.pos++;
           }
         }
