@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.data import TokenStream  # noqa: E402
+from rrwkv.pretrain.data import TokenStream
 
 
 def make_shards(work: Path) -> Path:
     import json
 
-    from data_tools.builtin import stdlib_documents
-    from data_tools.shards import tokenize_files
-    from data_tools.tokenizer import train_sentencepiece
+    from rrwkv.data_tools.builtin import stdlib_documents
+    from rrwkv.data_tools.shards import tokenize_files
+    from rrwkv.data_tools.tokenizer import train_sentencepiece
 
     docs = [t for _, t in stdlib_documents(8_000_000, seed=2)]
     (work / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))

@@ -13,16 +13,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools.builtin import stdlib_documents  # noqa: E402
-from data_tools.shards import tokenize_files  # noqa: E402
-from data_tools.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from rrwkv.data_tools.builtin import stdlib_documents
+from rrwkv.data_tools.shards import tokenize_files
+from rrwkv.data_tools.tokenizer import Tokenizer, train_sentencepiece
 
 
 def _cpu() -> float:

@@ -43,11 +43,10 @@ import sys
 import weakref
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 GiB = 2 ** 30
 
@@ -116,7 +115,7 @@ class WKVMemory(torch.autograd.Function):
 
 
 def wkv_memory(self, k, v, mk, mv, st):
-    from kernels import WKVState
+    from rrwkv.kernels.wkv import WKVState
     B, T, C = k.shape
     zeros = lambda: k.new_zeros(B, C, dtype=torch.float32)  # noqa: E731
     return WKVMemory.apply(k, v, mk, mv), WKVState(zeros(), zeros(), zeros())
@@ -130,8 +129,8 @@ def measure_activations(mcfg, dtype, micro_batch: int, seq_len: int, checkpointi
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from pretrain.engine import lm_loss
-    from pretrain.model import RRWKV, TimeMix
+    from rrwkv.pretrain.engine import lm_loss
+    from rrwkv.pretrain.model import RRWKV, TimeMix
     real_wkv = TimeMix.wkv
     TimeMix.wkv = wkv_memory
     try:
@@ -166,7 +165,7 @@ def stage_layers(mcfg, stages: int, method: str):
     """The layers of each pipeline stage (embedding, blocks, head), as DeepSpeed partitions them."""
     from deepspeed.runtime import utils as ds_utils
 
-    from pretrain.metrics import count_params
+    from rrwkv.pretrain.metrics import count_params
     C, V = mcfg.n_embd, mcfg.vocab_size
     block = (count_params(mcfg, non_embedding=True) - 2 * C) // mcfg.n_layer
     counts = [V * C] + [block] * mcfg.n_layer + [V * C + 2 * C]
@@ -180,8 +179,8 @@ def stage_layers(mcfg, stages: int, method: str):
 
 
 def estimate(cfg, gpus: int):
-    from pretrain.metrics import count_params
-    from pretrain.run import model_config
+    from rrwkv.pretrain.metrics import count_params
+    from rrwkv.pretrain.run import model_config
     mcfg = model_config(cfg)
     P, stage, offload = cfg.parallel.pipeline_stages, cfg.parallel.zero_stage, cfg.parallel.offload
     if gpus % P:
@@ -256,7 +255,7 @@ def main(argv):
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
-    from pretrain.config import load_config
+    from rrwkv.pretrain.config import load_config
     cfg = load_config(args.config, args.overrides)
     r = estimate(cfg, args.gpus)
     print(f"{r['params'] / 1e9:.2f}B parameters, {args.gpus} GPUs ({r['data_parallel']} data-parallel x "

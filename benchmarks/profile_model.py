@@ -13,17 +13,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pretrain.baseline import SDPATransformer  # noqa: E402
-from pretrain.compile import compile_blocks  # noqa: E402
-from pretrain.engine import lm_loss  # noqa: E402
-from pretrain.model import RRWKV, RRWKVConfig  # noqa: E402
-from pretrain.profiling import profile_table  # noqa: E402
+from rrwkv.pretrain.baseline import SDPATransformer
+from rrwkv.pretrain.compile import compile_blocks
+from rrwkv.pretrain.engine import lm_loss
+from rrwkv.pretrain.model import RRWKV, RRWKVConfig
+from rrwkv.pretrain.profiling import profile_table
 
 
 def timed_passes(model, idx, steps):

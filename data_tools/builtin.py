@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,8 +76,10 @@ def _key(vocab_size: int, target_bytes: int, valid_fraction: float) -> str:
 
 def prepare_builtin_corpus(cache_dir: str | os.PathLike | None = None, vocab_size: int = 2048,
                            target_bytes: int = 4_000_000, valid_fraction: float = 0.05,
-                           shard_tokens: int = 200_000) -> BuiltinCorpus:
-    """Build (first call) or reuse (later calls) the stdlib corpus; returns its manifest paths."""
+                           shard_tokens: int = 200_000, say=None) -> BuiltinCorpus:
+    """Build (first call) or reuse (later calls) the stdlib corpus; returns its manifest paths.
+
+    `say(text)`, if given, is told what a first build is doing (it takes a minute or two)."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / _key(vocab_size, target_bytes, valid_fraction)
@@ -89,14 +92,19 @@ def prepare_builtin_corpus(cache_dir: str | os.PathLike | None = None, vocab_siz
             return result
         tmp = Path(f"{final}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        _build(tmp, vocab_size, target_bytes, valid_fraction, shard_tokens)
+        say = say or (lambda text: None)
+        say(f"building the built-in corpus once (Python's standard library, {target_bytes / 1e6:.0f} MB: a "
+            f"{vocab_size}-token tokenizer, then shards; a minute or two) in {final}")
+        t0 = time.perf_counter()
+        _build(tmp, vocab_size, target_bytes, valid_fraction, shard_tokens, say)
         shutil.rmtree(final, ignore_errors=True)  # a stale incomplete one from an older layout
         os.replace(tmp, final)
+        say(f"built-in corpus ready in {time.perf_counter() - t0:.0f} s")
     return result
 
 
 def _build(out: Path, vocab_size: int, target_bytes: int, valid_fraction: float,
-           shard_tokens: int) -> None:
+           shard_tokens: int, say) -> None:
     docs = stdlib_documents(target_bytes)
     n_valid = max(1, int(len(docs) * valid_fraction))
     splits = {"valid": docs[:n_valid], "train": docs[n_valid:]}
@@ -106,9 +114,11 @@ def _build(out: Path, vocab_size: int, target_bytes: int, valid_fraction: float,
         with open(src / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for path, text in part:
                 f.write(json.dumps({"text": text, "path": path}) + "\n")
+    say(f"  training the tokenizer on {len(splits['train'])} modules")
     model = train_sentencepiece((text for _, text in splits["train"]), vocab_size,
                                 out / "tokenizer",
                                 record={"corpus": "python stdlib", "python": sys.version})
+    say("  tokenizing into shards")
     for name in splits:
         tokenize_files([src / f"{name}.jsonl"], model, out / name, workers=1,
                        shard_tokens=shard_tokens, progress=False)

@@ -22,7 +22,7 @@ from .errors import DataError
 FORMAT = "rrwkv-shards-v1"
 MANIFEST = "manifest.json"
 DTYPES = ("uint16", "uint32")
-REMAKE = "make it again with `python -m data_tools tokenize`"
+REMAKE = "make it again with `python -m rrwkv.data_tools tokenize`"
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -37,7 +37,7 @@ def manifest_path(source: str | os.PathLike) -> Path:
     if not p.is_file():
         raise FileNotFoundError(
             f"data source {source} not found: expected a shard directory holding {MANIFEST} "
-            f"(or the path of a {MANIFEST}); make one with `python -m data_tools tokenize`")
+            f"(or the path of a {MANIFEST}); make one with `python -m rrwkv.data_tools tokenize`")
     return p
 
 

@@ -26,7 +26,7 @@ NPY_MAGIC = b"\x93NUMPY"
 
 def _corrupt(path, what: str) -> DataError:
     return DataError(f"shard {path} is corrupt or truncated ({what}); copy it again or re-make "
-                     f"the shard set with `python -m data_tools tokenize`")
+                     f"the shard set with `python -m rrwkv.data_tools tokenize`")
 
 
 def iter_shard_docs(path: str | Path, dtype: np.dtype, skip_tokens: int = 0,
@@ -47,7 +47,7 @@ def iter_shard_docs(path: str | Path, dtype: np.dtype, skip_tokens: int = 0,
     except (tarfile.TarError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise FileNotFoundError(f"shard {path} not found; copy the whole shard directory or "
-                                    f"re-make it with `python -m data_tools tokenize`") from None
+                                    f"re-make it with `python -m rrwkv.data_tools tokenize`") from None
         raise _corrupt(path, str(e)) from None
     with tf:
         f = tf.fileobj

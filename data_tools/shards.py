@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tarfile
 import time
 from dataclasses import dataclass

@@ -46,7 +46,7 @@ class Tokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"tokenizer {self.path} not found: pass a sentencepiece .model (make one with "
-                f"`python -m data_tools train-tokenizer`) or a Hugging Face tokenizer.json")
+                f"`python -m rrwkv.data_tools train-tokenizer`) or a Hugging Face tokenizer.json")
         self.sha256 = file_sha256(self.path)
         if self.path.suffix == ".json":
             self._load_hf(eos_token)

@@ -1,9 +1,9 @@
 """Benchmark of the WKV-retrospection kernel (forward + backward), one table from one run on one card.
 
-    python -m kernels.benchmark [--dtype bf16] [--interval 64] [--shapes 8x1024x2048,4x4096x2048,1x16384x2048]
-    python -m kernels.benchmark --compile-times      # cold compile and warm load, in fresh processes
-    python -m kernels.benchmark --baseline-csrc DIR  # and the kernel of another version of the sources (A/B)
-    python -m kernels.benchmark --compare DIR [DIR ...]  # kernel times only: this build against variants
+    python -m rrwkv.kernels.benchmark [--dtype bf16] [--interval 64] [--shapes 8x1024x2048,4x4096x2048,1x16384x2048]
+    python -m rrwkv.kernels.benchmark --compile-times      # cold compile and warm load, in fresh processes
+    python -m rrwkv.kernels.benchmark --baseline-csrc DIR  # and the kernel of another version of the sources (A/B)
+    python -m rrwkv.kernels.benchmark --compare DIR [DIR ...]  # kernel times only: this build against variants
 
 Rows: this kernel with mediums (interval 64) and without (interval 0); flash-linear-attention's
 fused_recurrent_rwkv4 when `fla` is importable; the pure-PyTorch reference on GPU tensors; PyTorch
@@ -112,7 +112,7 @@ def compare(shapes, dtype, interval, folders):
     """Kernel times (profiler) of this build and of the builds of other source folders (variants of
     kernels/csrc), on the same inputs in one process: the total per shape with its ratio to this
     build, then each kernel's time."""
-    from kernels import wkv_retro
+    from rrwkv.kernels.wkv import wkv_retro
     builds = [("this", None)] + [(f, f) for f in folders]
     per, graph = {}, {}
     for shape in shapes:
@@ -245,8 +245,8 @@ class use_csrc:
 
 
 def bench(shapes, dtype, interval, rep, baseline=None):
-    from kernels import wkv_retro
-    from kernels.reference import wkv_retro_reference
+    from rrwkv.kernels.wkv import wkv_retro
+    from rrwkv.kernels.reference import wkv_retro_reference
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -330,7 +330,7 @@ def bench(shapes, dtype, interval, rep, baseline=None):
 def profile(shapes, dtype, interval, steps=5):
     """Per-kernel device time of one forward + backward (torch.profiler), to see where time goes."""
     from torch.profiler import ProfilerActivity, profile as prof
-    from kernels import wkv_retro
+    from rrwkv.kernels.wkv import wkv_retro
     for (B, T, C) in shapes:
         sets = wkv_inputs(B, T, C, interval, dtype, 2)
         step = wkv_step(interval, wkv_retro)
@@ -356,7 +356,7 @@ def profile(shapes, dtype, interval, steps=5):
 
 def compile_times(dtype_name, cache_dir=None):
     """Cold compile (empty cache) and warm load (cache filled), each in a fresh process."""
-    code = ("import time, torch; t=time.time(); from kernels import build; "
+    code = ("import time, torch; t=time.time(); from rrwkv.kernels import build; "
             f"build.load_wkv_extension(torch.{str(DTYPES[dtype_name]).replace('torch.', '')}); "
             "print('LOAD_SECONDS', time.time()-t)")
     with tempfile.TemporaryDirectory() as d:
@@ -411,7 +411,7 @@ def main(argv=None):
         compare(shapes, DTYPES[a.dtype], a.interval, a.compare)
         return
     if a.steps_only:
-        from kernels import wkv_retro
+        from rrwkv.kernels.wkv import wkv_retro
         B, T, C = shapes[0]
         x = wkv_inputs(B, T, C, a.interval, DTYPES[a.dtype], 1)[0]
         for _ in range(a.steps_only):
@@ -419,7 +419,7 @@ def main(argv=None):
         torch.cuda.synchronize()
         return
     if a.baseline_csrc:
-        from kernels import build
+        from rrwkv.kernels import build
         try:
             with use_csrc(a.baseline_csrc):
                 build.csrc_dir(build.WKV_SOURCES + build.WKV_HEADERS)   # a bad folder: one error, before timing

@@ -1,34 +1,9 @@
 #!/usr/bin/env python
 """Convert RWKV-4 weights into MODEL_DIRs (interval 0) and interval-0 MODEL_DIRs into Hugging Face RWKV.
 
-    python launch/convert.py --from hf-rwkv --input HF_DIR --output MODEL_DIR
-    python launch/convert.py --from rwkv4-pth --input FILE.pth --output MODEL_DIR [--tokenizer 20B_tokenizer.json]
-    python launch/convert.py --to hf-rwkv --input MODEL_DIR --output HF_DIR
+The program is rrwkv.pretrain.cli.convert (installed as `rrwkv-convert`); `--help` lists its options.
 """
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain import run as cli  # noqa: E402
-from pretrain.convert import convert, describe  # noqa: E402
-
-
-def main(argv):
-    p = argparse.ArgumentParser(prog="launch/convert.py", description=__doc__.splitlines()[0])
-    p.add_argument("--from", dest="frm", choices=["hf-rwkv", "rwkv4-pth"], default=None)
-    p.add_argument("--to", choices=["hf-rwkv"], default=None)
-    p.add_argument("--input", required=True, help="HF_DIR, FILE.pth, or (with --to) a MODEL_DIR")
-    p.add_argument("--output", required=True)
-    p.add_argument("--tokenizer", default=None, help="tokenizer file when none lies beside the input")
-    p.add_argument("--ctx-len", type=int, default=1024, help="ctx_len to record for a .pth (it does not store one)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    args = p.parse_args(argv)
-    config = convert((args.frm, args.to), Path(args.input), Path(args.output), args.tokenizer, args.ctx_len,
-                     args.dtype)
-    print(f"wrote {args.output} ({describe(config)})")
-
+from rrwkv.pretrain.cli.convert import main
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main, sys.argv[1:]))
+    raise SystemExit(main())

@@ -1,30 +1,9 @@
 #!/usr/bin/env python
 """Export a training checkpoint (any ZeRO stage) to a MODEL_DIR: model.safetensors, config.json, tokenizer.
 
-    python launch/export.py --checkpoint OUT_DIR --output MODEL_DIR [--dtype bf16|fp32] [--tag stepN]
+The program is rrwkv.pretrain.cli.export (installed as `rrwkv-export`); `--help` lists its options.
 """
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain import run as cli  # noqa: E402
-from pretrain.export import export_checkpoint  # noqa: E402
-
-
-def main(argv):
-    p = argparse.ArgumentParser(prog="launch/export.py", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="the training run's OUT_DIR (or OUT_DIR/checkpoints/stepN)")
-    p.add_argument("--output", required=True, help="the MODEL_DIR to write")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype (fp32: exact)")
-    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step1000 (default: the one `latest` names)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one of the run's data.train)")
-    args = p.parse_args(argv)
-    out, info = export_checkpoint(Path(args.checkpoint), Path(args.output), args.dtype, args.tag, args.tokenizer)
-    print(f"exported {info['tag_dir']} (step {info['step']}, model {info['config']}) to {out} as {args.dtype}, "
-          f"tokenizer {info['tokenizer'].name}")
-
+from rrwkv.pretrain.cli.export import main
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main, sys.argv[1:]))
+    raise SystemExit(main())

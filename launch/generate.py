@@ -1,62 +1,9 @@
 #!/usr/bin/env python
 """Sample a continuation of a prompt from an exported model, in recurrent mode, streamed to stdout.
 
-    python launch/generate.py --model MODEL_DIR --prompt TEXT --max-new-tokens N
-        [--temperature 1.0 --top-k 0 --top-p 1.0 --seed S --device cpu|cuda --dtype fp32|bf16]
+The program is rrwkv.pretrain.cli.generate (installed as `rrwkv-generate`); `--help` lists its options.
 """
-import argparse
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain import run as cli  # noqa: E402
-from pretrain.export import load_model, load_tokenizer, parse_dtype  # noqa: E402
-from pretrain.generation import Sampling, TextStream, default_dtype, generate, pick_device  # noqa: E402
-
-
-def main(argv):
-    p = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="MODEL_DIR (launch/export.py or launch/convert.py)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same device: same text")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 | fp64 (default: bf16 on GPUs, fp32 on CPUs)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-document token")
-    p.add_argument("--no-doc-start", action="store_true",
-                   help="do not put the end-of-document token before the prompt (training puts one before every document)")
-    args = p.parse_args(argv)
-    device = pick_device(args.device)
-    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)[0]
-    model = load_model(Path(args.model), device, dtype)
-    tok = load_tokenizer(Path(args.model))
-    prompt = ([] if args.no_doc_start else [tok.eos_id]) + tok.encode(args.prompt)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    stream = TextStream(tok.decode)
-    t0 = time.perf_counter()
-    first, n = None, 0
-    for token in generate(model, prompt, args.max_new_tokens, sampling, args.seed,
-                          stop_ids=() if args.ignore_eos else (tok.eos_id,)):
-        if first is None:
-            first = time.perf_counter()                   # prompt prefilled, first token drawn
-        n += 1
-        if token == tok.eos_id and not args.ignore_eos:
-            break
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(stream.flush() + "\n")
-    sys.stdout.flush()
-    end = time.perf_counter()
-    first = first or end
-    rate = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
-    print(f"[{len(prompt)} prompt tokens in {first - t0:.2f}s; {n} new tokens, {rate:.1f} tokens/s "
-          f"on {device.type} ({str(dtype).replace('torch.', '')})]", file=sys.stderr)
-
+from rrwkv.pretrain.cli.generate import main
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main, sys.argv[1:]))
+    raise SystemExit(main())

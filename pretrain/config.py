@@ -152,6 +152,22 @@ def _schema_keys() -> List[str]:
     return _flatten(OmegaConf.structured(ExperimentConfig))
 
 
+def describe_keys() -> str:
+    """Every config key with its default (and choices), grouped by section: the `--help` epilog."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    lines, section = ["config keys (key=value overrides; docs/training.md explains each):"], None
+    for key in _schema_keys():
+        head = key.split(".")[0]
+        if head != section:
+            section = head
+            lines.append(f"  {head}:")
+        default = OmegaConf.select(schema, key)
+        choices = CHOICES.get(key)
+        lines.append(f"    {key} = {default}" + (f"   ({' | '.join(choices)})" if choices else ""))
+    lines.append("    parallel.deepspeed.* = raw DeepSpeed config keys, merged last")
+    return "\n".join(lines)
+
+
 def _check_keys(cfg: DictConfig, source: str) -> None:
     valid = set(_schema_keys())
     sections = {k.split(".")[0] for k in valid} | {k.rsplit(".", 1)[0] for k in valid}

@@ -170,7 +170,7 @@ def to_hf_rwkv(model_dir: Path, output: Path, dtype: str = "fp32") -> dict:
         raise UserError(f"{model_dir / CONFIG} has medium_interval {cfg.medium_interval}: only interval-0 (RWKV-4) "
                         f"models convert to RwkvForCausalLM, which has no mediums")
     tok_path = find_tokenizer(model_dir)
-    from data_tools.tokenizer import load_tokenizer
+    from rrwkv.data_tools.tokenizer import load_tokenizer
     eos = load_tokenizer(tok_path).eos_id
     state = load_file(str(model_dir / WEIGHTS))
     output = Path(output)

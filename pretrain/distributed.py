@@ -81,11 +81,27 @@ def init_distributed(timeout_minutes: float = 30.0) -> Dist:
         device = torch.device("cpu")
         backend = "gloo"
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if backend == "gloo" and world == 1:
+        _skip_shm_all_reduce()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if backend == "gloo":
         release_shm_buffers(rank)
     return Dist(rank, world, local_rank, local_world, device)
+
+
+def _skip_shm_all_reduce() -> None:
+    """One process on CPUs: do not build DeepSpeed's shared-memory all-reduce op.
+
+    DeepSpeed compiles that C++ op when its CPU process group starts (about a minute the first time
+    on a 2-core machine), even for a single process, which has nothing to reduce. Marking the op
+    incompatible makes DeepSpeed use plain gloo, as it does where the op cannot be built.
+    """
+    try:
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (ImportError, AttributeError, TypeError):   # a DeepSpeed without that switch: it builds the op
+        pass
 
 
 def shm_buffer_path(rank: int) -> str:

@@ -117,7 +117,7 @@ def perplexity(loss: float) -> float:
 def iter_documents(source, max_docs: Optional[int] = None, max_tokens: Optional[int] = None
                    ) -> Iterator[np.ndarray]:
     """Documents of a shard directory in manifest order, until max_docs or max_tokens (summed lengths)."""
-    from data_tools.reader import iter_shard_docs
+    from rrwkv.data_tools.reader import iter_shard_docs
 
     from .data import load_manifest
     m = load_manifest(source)

@@ -247,7 +247,7 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: torch
 
 
 def load_tokenizer(model_dir: Path):
-    from data_tools.tokenizer import load_tokenizer as load
+    from rrwkv.data_tools.tokenizer import load_tokenizer as load
     return load(find_tokenizer(model_dir))
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import WKVState, num_mediums, wkv_retro
+from rrwkv.kernels.wkv import WKVState, num_mediums, wkv_retro
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """The steps of a training run that launch/pretrain.py composes: config, processes, data, model, run files."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -11,14 +10,14 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import write_atomic
-from .config import ConfigError, load_config, to_yaml
+from .config import ConfigError, to_yaml
 from .distributed import Dist, init_distributed
 from .metrics import run_metadata
 from .model import RRWKVConfig
@@ -31,15 +30,6 @@ class UserError(Exception):
     """Raised for problems the user can fix; printed as one line without a traceback."""
 
 
-def parse_config(argv: Sequence[str], prog: str) -> DictConfig:
-    p = argparse.ArgumentParser(prog=prog, description="Pretrain an RRWKV language model.")
-    p.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge several in order")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    args = p.parse_intermixed_args(list(argv))   # --config files and key=value overrides in any order
-    return load_config(args.config, args.overrides)
-
-
 def init(cfg: DictConfig) -> Dist:
     """Start the process group and seed every generator (the same seed on every rank: weights agree)."""
     d = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
@@ -47,10 +37,11 @@ def init(cfg: DictConfig) -> Dist:
     np.random.seed(cfg.run.seed % 2 ** 32)
     torch.manual_seed(cfg.run.seed)
     if cfg.model.cuda_kernel is False:
-        from kernels import use_cuda_kernel
+        from rrwkv.kernels.wkv import use_cuda_kernel
         use_cuda_kernel(False)
     if cfg.model.kernel_cache:
         os.environ["RRWKV_KERNEL_CACHE"] = str(cfg.model.kernel_cache)
+    say(d, f"{d.world_size} process(es) on {d.device.type} started; preparing data and model")
     return d
 
 
@@ -95,8 +86,9 @@ def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
     """Resolve data.train / data.valid (building the built-in corpus once) and check the tokenizer."""
     train, valid = cfg.data.train, cfg.data.valid
     if train == "builtin":
-        from data_tools.builtin import prepare_builtin_corpus
-        corpus = prepare_builtin_corpus(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+        from rrwkv.data_tools.builtin import prepare_builtin_corpus
+        corpus = prepare_builtin_corpus(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size,
+                                        say=lambda text: say(d, text))
         train = corpus.train
         valid = corpus.valid if valid in (None, "builtin") else valid
         cfg.data.train, cfg.data.valid = str(train), str(valid)   # the resolved config names real paths

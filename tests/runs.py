@@ -13,9 +13,7 @@ SMALL = ["model.n_layer=2", "model.n_embd=64", "model.medium_interval=16", "data
 
 
 def env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+    return dict(os.environ)
 
 
 def free_port():

@@ -9,9 +9,9 @@ find its graphs in inductor's on-disk cache instead of compiling them again.
 import pytest
 import torch
 
-from pretrain.compile import compile_blocks
-from pretrain.config import ConfigError, load_config
-from pretrain.model import RRWKV, RRWKVConfig
+from rrwkv.pretrain.compile import compile_blocks
+from rrwkv.pretrain.config import ConfigError, load_config
+from rrwkv.pretrain.model import RRWKV, RRWKVConfig
 
 
 GPU = pytest.param("cuda", marks=[pytest.mark.cuda,

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from pretrain.export import load_model, save_model_dir
-from pretrain.model import RRWKV, RRWKVConfig
+from rrwkv.pretrain.export import load_model, save_model_dir
+from rrwkv.pretrain.model import RRWKV, RRWKVConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 V, C, L = 97, 32, 3

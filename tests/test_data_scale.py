@@ -7,19 +7,18 @@ import struct
 import subprocess
 import sys
 import sysconfig
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data_tools.__main__ import main as cli
-from data_tools.binidx import import_binidx
-from data_tools.manifest import load_manifest
-from data_tools.reader import iter_shard_docs
-from data_tools.shards import tokenize_files
-from data_tools.tokenizer import load_tokenizer, train_sentencepiece
+from rrwkv.data_tools.cli import main as cli
+from rrwkv.data_tools.binidx import import_binidx
+from rrwkv.data_tools.manifest import load_manifest
+from rrwkv.data_tools.reader import iter_shard_docs
+from rrwkv.data_tools.shards import tokenize_files
+from rrwkv.data_tools.tokenizer import load_tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -33,7 +32,7 @@ def _texts():
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return dict(os.environ)
 
 
 def _docs(shard_dir):
@@ -70,11 +69,11 @@ def test_glob_and_parquet_inputs(setup, tmp_path):
     assert res.manifest["skipped"] == {"empty": 1, "missing_field": 1}
     assert [ex for r in res.reports for ex in r.examples] == [
         (7, "no string field 'content'"), (8, "empty document")]
-    r = subprocess.run([sys.executable, "-m", "data_tools", "tokenize", "--input",
+    r = subprocess.run([sys.executable, "-m", "rrwkv.data_tools", "tokenize", "--input",
                         str(tmp_path / "docs.parquet"), "--tokenizer", str(setup["model"]),
                         "--output", str(tmp_path / "s"), "--text-key", "content", "--strict",
                         "--unit-mb", "0.000001"], env=_env(), capture_output=True, text=True)
-    assert r.returncode == 2 and f"docs.parquet:7:" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "docs.parquet:7:" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(ValueError, match="no column 'text'.*--text-key"):
         tokenize_files([tmp_path / "docs.parquet"], setup["model"], tmp_path / "t",
                        progress=False)
@@ -91,7 +90,7 @@ def test_strict_names_the_line_in_a_later_work_unit(setup, tmp_path):
     lines.insert(13, '{"text": broken\n')
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(lines))
-    r = subprocess.run([sys.executable, "-m", "data_tools", "tokenize", "--input", str(bad),
+    r = subprocess.run([sys.executable, "-m", "rrwkv.data_tools", "tokenize", "--input", str(bad),
                         "--tokenizer", str(setup["model"]), "--output", str(tmp_path / "o"),
                         "--strict", "--unit-mb", "0.02", "--workers", "2"],
                        env=_env(), capture_output=True, text=True)
@@ -105,7 +104,7 @@ def test_strict_names_the_line_in_a_later_work_unit(setup, tmp_path):
 def test_verify_finds_tampering(setup, tmp_path):
     out = tmp_path / "o"
     tokenize_files([setup["src"]], setup["model"], out, shard_tokens=3000, progress=False)
-    r = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(out)], env=_env(),
+    r = subprocess.run([sys.executable, "-m", "rrwkv.data_tools", "verify", str(out)], env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK")
     shard = out / "shard-000001.tar"
@@ -113,7 +112,7 @@ def test_verify_finds_tampering(setup, tmp_path):
     raw[700] ^= 0xFF                                  # one flipped byte inside token data
     shard.write_bytes(bytes(raw))
     (out / "shard-000002.tar").write_bytes(b"")
-    r = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(out)], env=_env(),
+    r = subprocess.run([sys.executable, "-m", "rrwkv.data_tools", "verify", str(out)], env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert "shard-000001.tar: sha256 differs" in r.stdout
@@ -187,7 +186,7 @@ def test_import_binidx_round_trip(setup, tmp_path):
 
 
 def test_progress_lines_in_a_log(setup, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "data_tools", "tokenize", "--input",
+    r = subprocess.run([sys.executable, "-m", "rrwkv.data_tools", "tokenize", "--input",
                         str(setup["src"]), "--tokenizer", str(setup["model"]), "--output",
                         str(tmp_path / "o"), "--unit-mb", "0.02", "--log-every", "0"],
                        env=_env(), capture_output=True, text=True)
@@ -208,7 +207,7 @@ def test_kill_9_mid_run_then_resume_gives_identical_output(setup, tmp_path):
             "--unit-mb", "0.05", "--no-progress"]
     assert cli(["tokenize", *args, "--output", str(tmp_path / "clean")]) == 0
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "data_tools", "tokenize", *args, "--output",
+    p = subprocess.Popen([sys.executable, "-m", "rrwkv.data_tools", "tokenize", *args, "--output",
                           str(out), "--workers", "2"], env=_env(), start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline and not list((out / ".work").glob("unit-*.json")):
@@ -229,7 +228,7 @@ def test_shard_writer_matches_webdataset_tarwriter(setup, tmp_path):
 
     import webdataset as wds
 
-    from data_tools.shards import _NpyTarWriter
+    from rrwkv.data_tools.shards import _NpyTarWriter
 
     tok = load_tokenizer(setup["model"])
     arrays = [np.asarray(tok.encode(t), np.uint16) for t in setup["texts"][:5]] + \

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_tools.__main__ import main as cli
-from data_tools.builtin import prepare_builtin_corpus
-from data_tools.manifest import load_manifest
-from data_tools.shards import tokenize_files
-from data_tools.tokenizer import load_tokenizer
+from rrwkv.data_tools.cli import main as cli
+from rrwkv.data_tools.builtin import prepare_builtin_corpus
+from rrwkv.data_tools.manifest import load_manifest
+from rrwkv.data_tools.shards import tokenize_files
+from rrwkv.data_tools.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -42,8 +42,8 @@ def _stdlib_texts():
 
 
 def _run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "data_tools", *map(str, args)], cwd=ROOT, env=env,
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "rrwkv.data_tools", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -257,7 +257,7 @@ def test_builtin_corpus_built_once_then_cached(tmp_path):
 
 
 def test_killed_tokenize_resumes_to_identical_output(corpus, tokenizer, tmp_path, monkeypatch):
-    import data_tools.shards as shards
+    import rrwkv.data_tools.shards as shards
 
     kw = dict(shard_tokens=2000, unit_bytes=20_000, progress=False)
     tokenize_files([corpus], tokenizer, tmp_path / "clean", **kw)
@@ -288,7 +288,7 @@ def test_builtin_corpus_two_processes_build_once(tmp_path):
             "b._build = build\n"
             "print(b.prepare_builtin_corpus(sys.argv[1], vocab_size=400, target_bytes=150_000,"
             " shard_tokens=20_000).train)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -299,7 +299,7 @@ def test_builtin_corpus_two_processes_build_once(tmp_path):
 
 
 def test_sample_docs_is_a_seeded_uniform_sample_in_one_pass():
-    from data_tools.tokenizer import sample_documents
+    from rrwkv.data_tools.tokenizer import sample_documents
     docs = [f"doc {i}" for i in range(1000)]
     a = sample_documents(iter(docs), 50, seed=1)
     assert a == sample_documents(iter(docs), 50, seed=1) and a != sample_documents(iter(docs), 50, seed=2)

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain import tasks
-from pretrain.evaluation import bucket_edges, iter_documents
-from pretrain.export import load_model, load_tokenizer
-from pretrain.lm_eval_adapter import Scorer
+from rrwkv.pretrain import tasks
+from rrwkv.pretrain.evaluation import bucket_edges, iter_documents
+from rrwkv.pretrain.export import load_model, load_tokenizer
+from rrwkv.pretrain.lm_eval_adapter import Scorer
 
 from .test_generate import corpus, make_model_dir  # noqa: F401  (corpus: a fixture)
 
@@ -31,8 +31,8 @@ def model_dir(tmp_path_factory, corpus):  # noqa: F811
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, corpus):  # noqa: F811
     """A held-out shard directory of 12 real documents of 20 to ~300 tokens."""
-    from data_tools.shards import tokenize_files
-    from data_tools.tokenizer import load_tokenizer as load
+    from rrwkv.data_tools.shards import tokenize_files
+    from rrwkv.data_tools.tokenizer import load_tokenizer as load
     tok = load(corpus.tokenizer)
     src = sorted(Path(json.__file__).parent.glob("*.py")) + sorted(Path(random.__file__).parent.glob("email/*.py"))
     texts, rng = [], random.Random(0)
@@ -185,7 +185,7 @@ def test_lm_eval_loglikelihood_functions(model_dir):
         assert math.isclose(ll, float(rows[torch.arange(len(x)), torch.tensor(x)].sum()), rel_tol=1e-9)
         assert greedy == bool((rows.argmax(-1) == torch.tensor(x)).all())
     # generate_until: the greedy continuation, cut before the first stop string
-    from pretrain.generation import Sampling, generate
+    from rrwkv.pretrain.generation import Sampling, generate
     greedy = tok.decode(list(generate(model, [tok.eos_id] + tok.encode("def f(x):"), 12, Sampling(temperature=0),
                                       stop_ids=(tok.eos_id,))))
     stop = greedy[3:5] if len(greedy) >= 5 else "\n\n"

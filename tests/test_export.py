@@ -1,15 +1,16 @@
 """launch/export.py: DeepSpeed checkpoints (ZeRO-3 and ZeRO-2, two gloo ranks) to MODEL_DIRs whose
 logits are bit-identical to the trained model's; one-line errors for what a user can get wrong."""
+import json
+import math
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export import load_model, load_tokenizer
+from rrwkv.pretrain.export import load_model, load_tokenizer
 
 from tests.runs import env, free_port, pretrain_cmd, run  # noqa: F401
 
@@ -22,9 +23,9 @@ ENGINE_LOGITS = textwrap.dedent("""
     import glob, sys, deepspeed, torch
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]   # the launcher adds it
     sys.path.insert(0, argv[0])
-    from pretrain.distributed import init_distributed
-    from pretrain.engine import param_groups
-    from pretrain.model import RRWKV, RRWKVConfig
+    from rrwkv.pretrain.distributed import init_distributed
+    from rrwkv.pretrain.engine import param_groups
+    from rrwkv.pretrain.model import RRWKV, RRWKVConfig
     out_dir, ids_file, out_file = argv[1:4]
     tag = open(out_dir + "/checkpoints/latest").read().strip()
     saved = torch.load(sorted(glob.glob(f"{out_dir}/checkpoints/{tag}/*model_states.pt"))[0], weights_only=False)
@@ -185,3 +186,19 @@ def test_pipeline_checkpoint_exports_the_trained_weights(tmp_path, cache_dir):
     model = load_model(tmp_path / "pipe_model")
     x = ids(model.cfg.vocab_size)
     assert torch.isfinite(logits_1thread(model, x)).all()
+
+
+def test_evaluate_on_the_builtin_validation_split(tmp_path, cache_dir):
+    """`--data builtin` scores the validation shards of the corpus that configs/tiny.yaml trains on."""
+    out = tmp_path / "run"
+    p = run(pretrain_cmd(out, cache_dir, ["train.max_steps=1"]))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert export("--checkpoint", out, "--output", tmp_path / "model").returncode == 0
+    p = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), "--model", str(tmp_path / "model"),
+                        "--data", "builtin", "--cache-dir", str(cache_dir), "--report", str(tmp_path / "r.json"),
+                        "--no-tasks", "--max-docs", "3"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["documents"] == 3 and Path(report["data"]) == next(Path(cache_dir).glob("*/valid"))
+    assert math.isfinite(report["loss"])

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pretrain.faults import BadSteps, Watchdog
+from rrwkv.pretrain.faults import BadSteps, Watchdog
 from tests.runs import ROOT, losses, pretrain_cmd, run
 
 

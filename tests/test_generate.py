@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.export import load_model, load_tokenizer, save_model_dir
-from pretrain.generation import Sampling, TextStream, generate, sample_next
-from pretrain.model import RRWKV, RRWKVConfig
+from rrwkv.pretrain.export import load_model, load_tokenizer, save_model_dir
+from rrwkv.pretrain.generation import Sampling, TextStream, generate, sample_next
+from rrwkv.pretrain.model import RRWKV, RRWKVConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def make_model_dir(path: Path, tokenizer: Path, interval=8, seed=0) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from data_tools.builtin import prepare_builtin_corpus
+    from rrwkv.data_tools.builtin import prepare_builtin_corpus
     return prepare_builtin_corpus(tmp_path_factory.mktemp("rrwkv-cache"), vocab_size=2048)
 
 
@@ -82,7 +82,7 @@ def test_text_stream_holds_back_split_characters(corpus):
 
 
 def load_tokenizer_from(path):
-    from data_tools.tokenizer import load_tokenizer
+    from rrwkv.data_tools.tokenizer import load_tokenizer
     return load_tokenizer(path)
 
 

@@ -9,8 +9,8 @@ import types
 
 import torch
 
-from kernels import benchmark
-from kernels.reference import wkv_retro_reference
+from rrwkv.kernels import benchmark
+from rrwkv.kernels.reference import wkv_retro_reference
 
 
 def fused_recurrent_rwkv4(w, u, k, v, state):   # fla-core 0.6.0's signature

@@ -10,13 +10,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from kernels import build
+from rrwkv.kernels import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +84,7 @@ def test_flock_is_released_when_the_holder_is_killed(tmp_path):
     lock = tmp_path / "x.lock"
     p = _py(f"""
         import time, sys
-        from kernels.build import BuildLock
+        from rrwkv.kernels.build import BuildLock
         l = BuildLock({str(lock)!r}).acquire()
         print("LOCKED", l.mode, flush=True)
         time.sleep(120)
@@ -183,7 +182,7 @@ def test_concurrent_processes_compile_once_then_warm_import(tmp_path):
         import time
         from pathlib import Path
         from torch.utils import cpp_extension
-        from kernels import build
+        from rrwkv.kernels import build
         real = cpp_extension.load
         def counted(*a, **k):
             print("COMPILING", flush=True)
@@ -206,7 +205,7 @@ def test_concurrent_processes_compile_once_then_warm_import(tmp_path):
         import time
         from pathlib import Path
         from torch.utils import cpp_extension
-        from kernels import build
+        from rrwkv.kernels import build
         def no_build(*a, **k):
             raise AssertionError("rebuilt although cached")
         cpp_extension.load = no_build
@@ -223,5 +222,5 @@ def test_concurrent_processes_compile_once_then_warm_import(tmp_path):
 
 
 def test_cuda_backend_imports_without_a_gpu():
-    from kernels import cuda as kc   # noqa: F401  (compiles nothing at import)
+    from rrwkv.kernels import cuda as kc   # noqa: F401  (compiles nothing at import)
     assert callable(kc.wkv_retro_cuda)

@@ -116,7 +116,7 @@ def tiny_corpus(folder: Path) -> Path:
             out.writelines(json.dumps(d) + "\n" for d in part)
         with open(folder / f"{name}.jsonl", "w") as out:
             out.writelines(json.dumps(d) + "\n" for d in part)
-    p = subprocess.run([sys.executable, "-m", "data_tools", "train-tokenizer", "--input", str(folder / "train.jsonl"),
+    p = subprocess.run([sys.executable, "-m", "rrwkv.data_tools", "train-tokenizer", "--input", str(folder / "train.jsonl"),
                         "--vocab-size", "512", "--output", str(folder / "tokenizer")], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from pretrain.config import load_config
-from pretrain.model import RRWKVConfig
+from rrwkv.pretrain.config import load_config
+from rrwkv.pretrain.model import RRWKVConfig
 from tests.runs import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

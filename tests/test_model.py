@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pretrain.model import RRWKV, RRWKVConfig
+from rrwkv.pretrain.model import RRWKV, RRWKVConfig
 
 V = 61
 

@@ -156,7 +156,7 @@ def reference(cluster, cache_dir, tmp_path_factory):
 # ---- tests ----
 
 def test_slurm_tasks_per_node_parsing():
-    from pretrain.distributed import slurm_tasks_on_node
+    from rrwkv.pretrain.distributed import slurm_tasks_on_node
     assert [slurm_tasks_on_node("2(x3),1", i) for i in range(5)] == [2, 2, 2, 1, 0]
     assert slurm_tasks_on_node("8", 0) == 8 and slurm_tasks_on_node("", 0) == 0
 
@@ -259,9 +259,9 @@ def test_bad_input_fails_without_requeue(cluster, cache_dir, tmp_path):
 
 @needs_slurm
 def test_preprocess_array_job_merges_its_slices(cluster, tmp_path):
-    from data_tools.__main__ import main as cli
-    from data_tools.manifest import load_manifest
-    from data_tools.tokenizer import train_sentencepiece
+    from rrwkv.data_tools.cli import main as cli
+    from rrwkv.data_tools.manifest import load_manifest
+    from rrwkv.data_tools.tokenizer import train_sentencepiece
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / n).read_text(encoding="utf-8") for n in

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.shards import tokenize_files
-from data_tools.tokenizer import train_sentencepiece
-from pretrain.data import TokenStream, check_tokenizer, load_manifest
-from pretrain.data.stream import CorruptShardWarning
+from rrwkv.data_tools.shards import tokenize_files
+from rrwkv.data_tools.tokenizer import train_sentencepiece
+from rrwkv.pretrain.data import TokenStream, check_tokenizer, load_manifest
+from rrwkv.pretrain.data.stream import CorruptShardWarning
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Files of very different sizes, so shards and documents are unequal.

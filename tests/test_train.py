@@ -89,7 +89,7 @@ def test_single_process_trains_and_resumes_exactly(tmp_path, cache_dir):
      "config key 'parallel.deepspeed.train_micro_batch_size_per_gpu' is set by data.micro_batch_size: set that instead"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, cache_dir, extra, message):
-    from data_tools.builtin import prepare_builtin_corpus
+    from rrwkv.data_tools.builtin import prepare_builtin_corpus
     train = prepare_builtin_corpus(cache_dir, vocab_size=2048).train
     p = run(pretrain_cmd(tmp_path / "out", cache_dir, [e.format(train=train) for e in extra]))
     assert p.returncode == 2
@@ -109,7 +109,7 @@ def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path, cache_dir):
 
 def test_a_truncated_shard_is_counted_in_the_metrics_and_training_goes_on(tmp_path, cache_dir):
     import shutil
-    from data_tools.builtin import prepare_builtin_corpus
+    from rrwkv.data_tools.builtin import prepare_builtin_corpus
     src = prepare_builtin_corpus(cache_dir, vocab_size=2048).train.parent
     data = tmp_path / "shards"
     shutil.copytree(src, data)

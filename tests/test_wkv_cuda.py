@@ -14,10 +14,10 @@ import zlib
 import pytest
 import torch
 
-from kernels import WKVState, num_mediums, wkv_retro
-from kernels.reference import wkv_retro_reference
+from rrwkv.kernels.wkv import WKVState, num_mediums, wkv_retro
+from rrwkv.kernels.reference import wkv_retro_reference
 
-from kernels import cuda as kc
+from rrwkv.kernels import cuda as kc
 
 GPU = pytest.param("cuda", marks=[pytest.mark.cuda,
                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])
@@ -332,7 +332,7 @@ def test_another_source_version_is_loaded_beside_the_current_one(tmp_path, monke
     """RRWKV_WKV_CSRC switches kernels.cuda to the build of another copy of the sources within one
     process (what `kernels.benchmark --baseline-csrc` does), and back; here on the CPU build."""
     import shutil
-    from kernels import build
+    from rrwkv.kernels import build
     monkeypatch.delenv("RRWKV_WKV_CSRC", raising=False)
     B, T, C, s = 2, 40, 5, 8
     td, tf, k, v, md, mk, mv = (torch.randn(*sh, dtype=torch.float32, generator=torch.Generator().manual_seed(i))

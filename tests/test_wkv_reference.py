@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels import WKVState, num_mediums, wkv_retro
+from rrwkv.kernels.wkv import WKVState, num_mediums, wkv_retro
 from tests.wkv_direct import wkv_direct
 
 D = torch.float64

@@ -15,7 +15,7 @@ documents have the length distribution of the whole (which the position buckets 
 
 Writes into --out (the folder the GPU runs carry):
     train.jsonl.xz, valid.jsonl.xz   one document per line: {"text", "source", "path"}; order shuffled (seeded)
-    tokenizer.model, tokenizer.json  sentencepiece BPE (python -m data_tools train-tokenizer) on train
+    tokenizer.model, tokenizer.json  sentencepiece BPE (python -m rrwkv.data_tools train-tokenizer) on train
     corpus.json                      sources (package, version, .deb sha256), sizes, token counts and
                                      the document-length distribution of both splits
 and keeps the downloaded packages, plain .jsonl and tokenized shards in --work (not carried).
@@ -343,8 +343,7 @@ def length_stats(doc_tokens: Sequence[int]) -> dict:
 
 
 def shard_doc_lengths(shard_dir: Path) -> List[int]:
-    sys.path.insert(0, str(ROOT))
-    from pretrain.evaluation import iter_documents
+    from rrwkv.pretrain.evaluation import iter_documents
     return [len(t) for t in iter_documents(shard_dir)]
 
 
@@ -373,13 +372,13 @@ def main(argv: Sequence[str]) -> int:
 
     print("training the tokenizer", flush=True)
     py = sys.executable
-    run([py, "-m", "data_tools", "train-tokenizer", "--input", str(plain / "train.jsonl"), "--vocab-size",
+    run([py, "-m", "rrwkv.data_tools", "train-tokenizer", "--input", str(plain / "train.jsonl"), "--vocab-size",
          str(VOCAB_SIZE), "--output", str(out / "tokenizer"), "--sample-docs", str(TOKENIZER_SAMPLE_DOCS),
          "--seed", str(SPLIT_SEED)])
     stats = {}
     for name in ("train", "valid"):
         shards = work / "shards" / name
-        run([py, "-m", "data_tools", "tokenize", "--input", str(plain / f"{name}.jsonl"), "--tokenizer",
+        run([py, "-m", "rrwkv.data_tools", "tokenize", "--input", str(plain / f"{name}.jsonl"), "--tokenizer",
              str(out / "tokenizer.model"), "--output", str(shards), "--workers", str(args.workers),
              "--overwrite", "--no-progress"])
         lengths = shard_doc_lengths(shards)

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 FILES = ("train.jsonl.xz", "valid.jsonl.xz", "tokenizer.model")
 VERSION = 1
@@ -68,8 +67,8 @@ def main(argv) -> int:
         print(final)
         return 0
 
-    from data_tools.errors import DataError
-    from data_tools.shards import tokenize_files
+    from rrwkv.data_tools.errors import DataError
+    from rrwkv.data_tools.shards import tokenize_files
     t0 = time.perf_counter()
     tmp = Path(f"{final}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

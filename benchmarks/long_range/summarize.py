@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 FORMAT = 1
 
@@ -79,8 +78,8 @@ def training_summary(run_dir: Path, steps_planned: int, step_tokens: int) -> dic
 def model_info(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
-    from pretrain.metrics import count_params
-    from pretrain.model import RRWKVConfig
+    from rrwkv.pretrain.metrics import count_params
+    from rrwkv.pretrain.model import RRWKVConfig
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         fail(f"{cfg_file} not found: {run_dir} is not a training run's OUT_DIR")

@@ -38,15 +38,14 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from data_tools.errors import DataError
-from data_tools.manifest import Manifest, load_manifest
-from data_tools.reader import iter_shard_docs
+from rrwkv.data_tools.errors import DataError
+from rrwkv.data_tools.manifest import Manifest, load_manifest
+from rrwkv.data_tools.reader import iter_shard_docs
 
 STATE_VERSION = 2
 MIX_BLOCK = 64                    # batches whose source order is shuffled together
@@ -108,7 +107,7 @@ class _Source:
             if shard in bad:
                 if len(bad) == len(order):
                     raise DataError(f"every shard of {self.manifest.name} failed to read; check "
-                                    f"the files (python -m data_tools verify) or the URLs")
+                                    f"the files (python -m rrwkv.data_tools verify) or the URLs")
                 continue
             loc = self.locations[shard]
             end = 0
@@ -122,7 +121,7 @@ class _Source:
                     yield piece[offset - pos:] if pos < offset else piece
                 if end < self.packed[shard]:
                     raise DataError(f"shard {loc} holds fewer tokens than {self.manifest.name} "
-                                    f"lists; re-make it with `python -m data_tools tokenize`")
+                                    f"lists; re-make it with `python -m rrwkv.data_tools tokenize`")
             except (DataError, OSError) as e:
                 if on_corrupt == "raise":
                     raise DataError(str(e)) from None
@@ -146,7 +145,7 @@ class _Packer:
                 c = next(self.chunks)
             except StopIteration:
                 raise DataError(f"the shards of {self.where} hold fewer tokens than its manifest "
-                                f"lists; re-make them with `python -m data_tools tokenize`") from None
+                                f"lists; re-make them with `python -m rrwkv.data_tools tokenize`") from None
             self.buf.append(c)
             self.have += c.size
         flat = self.buf[0] if len(self.buf) == 1 else np.concatenate(self.buf)
