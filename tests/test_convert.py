@@ -1,7 +1,6 @@
 """launch/convert.py: RWKV-4 weights in (Hugging Face RwkvForCausalLM, BlinkDL .pth) and out (to
 RwkvForCausalLM), checked by logits against randomly initialized `transformers` RWKV models."""
 import contextlib
-import importlib.util
 import io
 import json
 import subprocess
@@ -18,17 +17,15 @@ V, C, L = 97, 32, 3
 
 
 def convert(*args, subprocess_=False):
-    """launch/convert.py with these arguments: in a new process, or (faster) its main in this one."""
+    """launch/convert.py with these arguments: in a new process, or (faster) the same main in this one."""
     argv = [str(a) for a in args]
     if subprocess_:
         return subprocess.run([sys.executable, str(ROOT / "launch/convert.py"), *argv], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
-    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "launch/convert.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from rrwkv.pretrain.cli.convert import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = mod.cli.run_main(mod.main, argv)
+        rc = main(argv)
     return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
 
 
