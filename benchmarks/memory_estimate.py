@@ -129,7 +129,7 @@ def measure_activations(mcfg, dtype, micro_batch: int, seq_len: int, checkpointi
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from rrwkv.pretrain.engine import lm_loss
+    from rrwkv.pretrain.loss import lm_loss
     from rrwkv.pretrain.model import RRWKV, TimeMix
     real_wkv = TimeMix.wkv
     TimeMix.wkv = wkv_memory
@@ -141,7 +141,6 @@ def measure_activations(mcfg, dtype, micro_batch: int, seq_len: int, checkpointi
                 model = RRWKV(mcfg, init_seed=None).train()
             finally:
                 torch.set_default_dtype(default)
-            model.gradient_checkpointing = checkpointing
             for p in model.parameters():
                 p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
             idx = torch.zeros(micro_batch, seq_len, dtype=torch.long)
@@ -180,7 +179,7 @@ def stage_layers(mcfg, stages: int, method: str):
 
 def estimate(cfg, gpus: int):
     from rrwkv.pretrain.metrics import count_params
-    from rrwkv.pretrain.run import model_config
+    from rrwkv.pretrain.config import model_config
     mcfg = model_config(cfg)
     P, stage, offload = cfg.parallel.pipeline_stages, cfg.parallel.zero_stage, cfg.parallel.offload
     if gpus % P:

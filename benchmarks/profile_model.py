@@ -18,8 +18,8 @@ import time
 import torch
 
 from rrwkv.pretrain.baseline import SDPATransformer
-from rrwkv.pretrain.compile import compile_blocks
-from rrwkv.pretrain.engine import lm_loss
+from rrwkv.pretrain.loss import lm_loss
+from rrwkv.pretrain.parallelize import compile_blocks
 from rrwkv.pretrain.model import RRWKV, RRWKVConfig
 from rrwkv.pretrain.profiling import profile_table
 
@@ -71,7 +71,7 @@ def main():
     for name, make in models:
         model = make().to(device=dev, dtype=torch.bfloat16).train()
         if name.endswith("_compiled"):
-            compile_blocks(model) if isinstance(model, RRWKV) else model.compile_blocks()
+            compile_blocks(model)
         timed_passes(model, idx, 2)                       # warm-up: kernel build, allocator, autotune
         f, b = timed_passes(model, idx, a.steps)
         print(f"{name}: forward {f:.2f} ms, backward {b:.2f} ms (backward / forward {b / f:.2f})", flush=True)

@@ -41,7 +41,7 @@ def _ext(dtype: torch.dtype, device: torch.device):
 
 # The kernel as two torch.library custom ops with an autograd formula and shape functions ("fake"
 # implementations), so that torch.compile traces through the op instead of breaking its graph there:
-# a compiled block is one graph, WKV included (pretrain/compile.py). Eager calls go through the
+# a compiled block is one graph, WKV included (pretrain/parallelize.py). Eager calls go through the
 # autograd.Function below instead (the same extension calls, less host time).
 # Inputs: interval, phase, then float32 (C,) parameters, k/v in their dtype, float32 mediums and state
 # tensors; an empty (numel 0) state tensor means a fresh state (an empty gradient: zero).

@@ -2,16 +2,14 @@
 
 Same width, depth, vocabulary, sequence length and batch as the RRWKV it is compared with; the
 MLP's hidden width is chosen so that a layer has RRWKV's parameter count (13 C^2 with ffn 4C:
-attention 4 C^2 + MLP 2 C H, so H = 4.5 C).
+attention 4 C^2 + MLP 2 C H, so H = 4.5 C). Compile and activation checkpointing apply to its
+blocks as to RRWKV's (pretrain/parallelize.py).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 class TransformerBlock(nn.Module):
@@ -42,25 +40,12 @@ class SDPATransformer(nn.Module):
                                      for _ in range(n_layer)])
         self.ln_out = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.gradient_checkpointing = False   # recompute each block in backward, as RRWKV does
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.emb(idx)
         for b in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(b, x, use_reentrant=False)
-            else:
-                x = b(x)
+            x = b(x)
         return self.head(self.ln_out(x))
-
-    def compile_blocks(self) -> None:
-        """torch.compile the block's forward once, shared by all blocks (as pretrain/compile.py does for
-        RRWKV); module hooks, such as DeepSpeed's ZeRO-3 ones, stay outside the compiled graph."""
-        from .compile import inductor_settings
-        inductor_settings()
-        forward = torch.compile(TransformerBlock.forward, fullgraph=True)
-        for b in self.blocks:
-            b.forward = functools.partial(forward, b)
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 N_nonembedding + 6 C V, plus causal attention's 6 * n_layer * T * C (half of 12 T C)."""

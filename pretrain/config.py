@@ -6,15 +6,18 @@ naming the key.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .model import RRWKVConfig
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(RRWKVConfig))
 
 
 class ConfigError(ValueError):
@@ -34,7 +37,7 @@ class ModelSection(RRWKVConfig):
     """The RRWKVConfig fields (pretrain/model.py, one definition) plus how to run the WKV op."""
     cuda_kernel: bool = True             # false: the PyTorch reference also on GPUs
     kernel_cache: Optional[str] = None   # where the compiled CUDA kernel is cached (shared FS on clusters)
-    compile: bool = False                # torch.compile each block, WKV op included, as one graph (pretrain/compile.py)
+    compile: bool = False                # torch.compile each block, WKV op included, as one graph (pretrain/parallelize.py)
 
 
 @dataclass
@@ -276,3 +279,12 @@ def validate(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def model_fields(cfg: DictConfig) -> Dict[str, Any]:
+    """The model section's RRWKVConfig fields (without how to run it: cuda_kernel, compile, ...)."""
+    return {k: cfg.model[k] for k in MODEL_FIELDS}
+
+
+def model_config(cfg: DictConfig) -> RRWKVConfig:
+    return RRWKVConfig(**model_fields(cfg))

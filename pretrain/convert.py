@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .export import CONFIG, TOKENIZER_NAMES, WEIGHTS, find_tokenizer, load_config, save_model_dir
-from .run import UserError
+from .errors import UserError
 
 HF_RENAMES = [  # (ours, Hugging Face's), applied to name parts in order
     ("emb.", "embeddings."), ("ln0.", "pre_ln."), ("att.", "attention."), ("ffn.", "feed_forward."),

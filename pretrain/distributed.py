@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
+import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -19,6 +22,11 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def say(self, text: str, err: bool = False) -> None:
+        """Print on rank 0 only (stderr with `err`)."""
+        if self.is_main:
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _free_port() -> int:
@@ -130,3 +138,26 @@ def release_shm_buffers(rank: int) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def start(cfg) -> Dist:
+    """Start the process group and seed every generator (the same seed on every rank: weights agree)."""
+    d = init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed % 2 ** 32)
+    torch.manual_seed(cfg.run.seed)
+    if cfg.model.cuda_kernel is False:
+        from rrwkv.kernels.wkv import use_cuda_kernel
+        use_cuda_kernel(False)
+    if cfg.model.kernel_cache:
+        os.environ["RRWKV_KERNEL_CACHE"] = str(cfg.model.kernel_cache)
+    d.say(f"{d.world_size} process(es) on {d.device.type} started; preparing data and model")
+    return d
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (its threads otherwise abort the interpreter at exit)."""
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

@@ -22,7 +22,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .checkpoint import TAG_RE
-from .run import UserError, load_weights
+from .errors import UserError
+from .weights import load_weights
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")

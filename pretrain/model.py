@@ -16,7 +16,6 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from rrwkv.kernels.wkv import WKVState, num_mediums, wkv_retro
 
@@ -163,7 +162,7 @@ class TimeMix(nn.Module):
             self.excite = Excitation(C, cfg.se_hidden)
 
     # Time-mix runs in three steps, project -> wkv -> out, which Block calls around the WKV op (so that
-    # the parts around the kernel can be compiled; pretrain/compile.py): it has no forward of its own.
+    # the parts around the kernel can be compiled; pretrain/parallelize.py): it has no forward of its own.
     def project(self, x: torch.Tensor, st: Optional[LayerState]):
         """x: (B, T, C) after ln1. Token shift, the three mixes, k/v/r; squeeze and excitation of the
         segments, their mk/mv. Returns k, v, r (B, T, C), mk, mv (B, J, C) (None at interval 0) and
@@ -239,18 +238,15 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
-        self.compiled = None   # Block.run compiled by pretrain/compile.py, or None: eager
 
     def forward(self, x: torch.Tensor, st: Optional[LayerState] = None):
         """x: (B, T, C) -> (B, T, C) and this layer's new state."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        if self.compiled is not None and st is None:
-            return self.compiled(self, x, None)
         return self.run(x, st)
 
     def run(self, x: torch.Tensor, st: Optional[LayerState]):
-        """The block after ln0: time-mix around the WKV op, then channel-mix. pretrain/compile.py compiles
+        """The block after ln0: time-mix around the WKV op, then channel-mix. pretrain/parallelize.py compiles
         this whole function, WKV op included (a torch.library custom op on CUDA), into one graph that every
         block shares (it reads nothing that differs between blocks, such as layer_id)."""
         k, v, r, mk, mv, att_x, att_sum = self.before_wkv(x, st)
@@ -278,7 +274,6 @@ class RRWKV(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.gradient_checkpointing = False
         if init_seed is not None:  # None: leave uninitialized (meta-device shape inspection, loading)
             self.init_weights(init_seed)
 
@@ -305,10 +300,6 @@ class RRWKV(nn.Module):
         x = self.emb(idx)
         new_layers = []
         for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training and not return_state and torch.is_grad_enabled():
-                # Recompute the block in backward: memory for activations drops to one block's.
-                x = checkpoint(lambda x_, b=block: b(x_)[0], x, use_reentrant=False)
-                continue
             x, st = block(x, None if state is None else state.layers[i])
             new_layers.append(st)
         logits = self.head(self.ln_out(x))

@@ -11,7 +11,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from .engine import lm_loss
+from .loss import lm_loss
 from .model import Block, RRWKVConfig, init_block, init_embedding, init_head
 
 

@@ -6,42 +6,45 @@
 import time
 from pathlib import Path
 
-from rrwkv.pretrain import checkpoint, faults
-from rrwkv.pretrain import run as R
-from rrwkv.pretrain.engine import (all_reduce_sum, batch_layout, build_engine, current_lr, deepspeed_config,
-                             evaluate, train_step)
-from rrwkv.pretrain.metrics import MetricsLogger, StepTimer, device_peak, flops_per_token
+from . import checkpoint, faults, runfiles
+from .config import model_config, model_fields
+from .data.sources import prepare_data, train_batches, valid_batches
+from .distributed import start
+from .engine import all_reduce_sum, batch_layout, current_lr, evaluate, train_step
+from .evaluation import perplexity
+from .metrics import MetricsLogger, StepTimer, device_peak, flops_per_token
+from .parallelize import build_engine, build_model, data_parallel_size, deepspeed_config
 
 
 def train(cfg, early_signals=()) -> int:
-    dist = R.init(cfg)                                                        # processes, seeds
+    dist = start(cfg)                                                        # processes, seeds
     out = Path(cfg.run.out_dir)
-    sources = R.prepare_data(cfg, dist)                                       # shards (built-in corpus on first use)
-    model, dp_rank = R.build_model(cfg, dist)                                 # RRWKV or its pipeline stages
-    layout = batch_layout(cfg, R.data_parallel_size(cfg, dist), dp_rank)
+    sources = prepare_data(cfg, dist)                                       # shards (built-in corpus on first use)
+    model, dp_rank = build_model(cfg, dist)                                 # RRWKV or its pipeline stages
+    layout = batch_layout(cfg, data_parallel_size(cfg, dist), dp_rank)
     engine = build_engine(model, cfg, layout, dist.device)                    # DeepSpeed
-    batches = R.train_batches(cfg, sources, layout)                           # this rank's rows of each batch
+    batches = train_batches(cfg, sources, layout)                           # this rank's rows of each batch
     resume_dir = checkpoint.find_resume_dir(out, cfg.run.resume)
     client = {"step": 0, "tokens": 0}
     if resume_dir is not None:                                                # model, optimizer, data, RNG
-        client = checkpoint.load(engine, resume_dir, dist.rank, layout.data_parallel, R.model_fields(cfg))
+        client = checkpoint.load(engine, resume_dir, dist.rank, layout.data_parallel, model_fields(cfg))
         batches.load_state_dict(checkpoint.merged_lanes(client))
         checkpoint.set_rng_state(client["mine"]["rng"])
     step, tokens = client["step"], client["tokens"]
-    R.write_run_files(cfg, out, dist, resumed_at=step, deepspeed=deepspeed_config(cfg, layout, dist.device))
+    runfiles.write_run_files(cfg, out, dist, resumed_at=step, deepspeed=deepspeed_config(cfg, layout, dist.device))
     log = MetricsLogger(out, cfg, cfg.train.max_steps, step, dist.is_main, client.get("wandb_id"))
     peak, peak_name = device_peak(dist.device, cfg.train.peak_tflops)
-    flops = flops_per_token(R.model_config(cfg))
+    flops = flops_per_token(model_config(cfg))
     timer = StepTimer(layout.global_batch_size * cfg.data.seq_len, flops, peak, dist.world_size,
                       recompute=cfg.train.activation_checkpointing)
     stop = faults.StopRequest(list(early_signals))
     bad = faults.BadSteps(cfg.train.max_bad_steps, fp16=cfg.train.precision == "fp16")
     watchdog = faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
-    R.announce(cfg, dist, layout, flops, peak_name, resume_dir, step)
+    runfiles.announce(cfg, dist, layout, flops, peak_name, resume_dir, step)
 
     def save():
         checkpoint.save(engine, out / "checkpoints", step,
-                        {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": R.model_fields(cfg)},
+                        {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": model_fields(cfg)},
                         {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
 
     while step < cfg.train.max_steps:                                         # loop
@@ -49,7 +52,7 @@ def train(cfg, early_signals=()) -> int:
         micro = batches.next_step()
         timer.data_wait(time.perf_counter() - t_data)
         if micro is None:
-            R.say(dist, f"data exhausted after {step} steps")
+            dist.say(f"data exhausted after {step} steps")
             break
         lr, skipped_before = current_lr(engine), engine.skipped_steps
         loss = train_step(engine, micro, dist.device, step + 1, cfg.train.l2wrap)
@@ -60,22 +63,22 @@ def train(cfg, early_signals=()) -> int:
         if kind:
             log.log({"step": step, "event": f"skipped_step_{kind}", "loss": loss, "bad_in_a_row": bad.in_a_row})
             if bad.exceeded:
-                R.say(dist, f"error: {bad.in_a_row} non-finite steps in a row (train.max_bad_steps); stopping "
+                dist.say(f"error: {bad.in_a_row} non-finite steps in a row (train.max_bad_steps); stopping "
                             f"without saving, the last good checkpoint is kept", err=True)
                 return faults.BAD_STEPS_EXIT
         if step % cfg.train.log_every == 0 or step in (1, cfg.train.max_steps):
             log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
                      **timer.rates(step, cfg.train.max_steps, dist.device), "skipped_steps": bad.total,
-                     "overflow_steps": bad.overflows, **R.memory_stats(dist.device),
+                     "overflow_steps": bad.overflows, **runfiles.memory_stats(dist.device),
                      "corrupt_shards": all_reduce_sum(batches.corrupt_shards(), dist.device)  # each stage reads
                      // cfg.parallel.pipeline_stages})                            # the same lanes
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and sources.valid:
-            val = evaluate(engine, R.valid_batches(cfg, sources, layout), dist.device)
-            log.log({"step": step, "val_loss": val, "val_ppl": R.perplexity(val)})
+            val = evaluate(engine, valid_batches(cfg, sources, layout), dist.device)
+            log.log({"step": step, "val_loss": val, "val_ppl": perplexity(val)})
             timer.pause()
         if stop.agreed(dist.device):                                          # preemption: save and requeue
             save()
-            R.mark_requeue(out, dist, step)
+            runfiles.mark_requeue(out, dist, step)
             log.close()
             return faults.REQUEUE_EXIT
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
@@ -83,9 +86,9 @@ def train(cfg, early_signals=()) -> int:
             timer.pause()
     if step > client["step"]:
         save()
-    R.mark_done(out, dist)
+    runfiles.mark_done(out, dist)
     log.close()
     watchdog.close()
-    R.say(dist, f"done: step {step}, outputs in {out}")
+    dist.say(f"done: step {step}, outputs in {out}")
     return 0
 

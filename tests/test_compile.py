@@ -9,7 +9,7 @@ find its graphs in inductor's on-disk cache instead of compiling them again.
 import pytest
 import torch
 
-from rrwkv.pretrain.compile import compile_blocks
+from rrwkv.pretrain.parallelize import checkpoint_blocks, compile_blocks
 from rrwkv.pretrain.config import ConfigError, load_config
 from rrwkv.pretrain.model import RRWKV, RRWKVConfig
 
@@ -25,7 +25,8 @@ def small(s, checkpointing=False, dev="cpu"):
     with torch.no_grad():  # zero-initialized projections would hide wiring mistakes
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g).to(dev) * 0.1)
-    m.gradient_checkpointing = checkpointing
+    if checkpointing:
+        checkpoint_blocks(m)
     return m
 
 

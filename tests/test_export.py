@@ -24,7 +24,7 @@ ENGINE_LOGITS = textwrap.dedent("""
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]   # the launcher adds it
     sys.path.insert(0, argv[0])
     from rrwkv.pretrain.distributed import init_distributed
-    from rrwkv.pretrain.engine import param_groups
+    from rrwkv.pretrain.parallelize import param_groups
     from rrwkv.pretrain.model import RRWKV, RRWKVConfig
     out_dir, ids_file, out_file = argv[1:4]
     tag = open(out_dir + "/checkpoints/latest").read().strip()

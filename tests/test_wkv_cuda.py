@@ -357,7 +357,7 @@ def test_another_source_version_is_loaded_beside_the_current_one(tmp_path, monke
 @pytest.mark.parametrize("s,phases", [(0, [0]), (16, [0, 5, 15]), (64, [0, 63]), (100, [0, 37, 99]),
                                       (200, [0, 64, 130, 199])])
 def test_custom_op_shapes_and_registration(s, phases, dev):
-    """rrwkv::wkv_forward / wkv_backward, the custom ops torch.compile traces (pretrain/compile.py): the
+    """rrwkv::wkv_forward / wkv_backward, the custom ops torch.compile traces (pretrain/parallelize.py): the
     shape functions (kernels.cuda.geometry) give the shapes the built op returns, for chunk starts in
     mid-segment and lengths that are no multiple of the interval or the chunk; torch.library.opcheck
     checks the registration (schema, shape functions, autograd, torch.compile's dispatch)."""

@@ -27,10 +27,17 @@ from pathlib import Path
 
 import torch
 
-from rrwkv.pretrain import run as R
+from rrwkv.pretrain.cli.common import run_main
 from rrwkv.pretrain.cli.train import parse_config
-from rrwkv.pretrain.baseline import SDPATransformer, TransformerBlock
-from rrwkv.pretrain.engine import batch_layout, build_engine, is_pipeline, lm_loss
+from rrwkv.pretrain.config import model_config
+from rrwkv.pretrain.data.sources import prepare_data, train_batches
+from rrwkv.pretrain.distributed import start
+from rrwkv.pretrain.errors import UserError
+from rrwkv.pretrain.parallelize import (apply_block_options, build_engine, build_model, compile_blocks,
+                                        data_parallel_size)
+from rrwkv.pretrain.runfiles import memory_stats
+from rrwkv.pretrain.baseline import SDPATransformer
+from rrwkv.pretrain.engine import batch_layout, is_pipeline, train_step
 from rrwkv.pretrain.metrics import count_params, device_peak, flops_per_token
 from rrwkv.pretrain.profiling import profile_table
 
@@ -76,8 +83,9 @@ def instrument_pipeline(engine, sync):
 
 
 def time_steps(engine, batches, steps: int, device: torch.device, l2wrap: bool, phases: bool, busy=None):
-    """Per-step seconds over `steps` steps: the median step (and data time); with `phases`, the mean of
-    each phase, synchronized (means, so that the phases add up to the step)."""
+    """Per-step seconds over `steps` training steps (engine.train_step, as training runs them): the
+    median step (and data time); with `phases`, the mean of each phase, synchronized (means, so that
+    the phases add up to the step)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     keys = ("data", "forward", "backward", "optimizer", "step") if phases else ("data", "step")
     out = {k: [] for k in keys}
@@ -90,33 +98,21 @@ def time_steps(engine, batches, steps: int, device: torch.device, l2wrap: bool, 
         t0 = time.perf_counter()
         micro = batches()
         t["data"] = time.perf_counter() - t0
-        if is_pipeline(engine):
-            if busy is not None:
-                busy["forward"] = busy["backward"] = 0.0
-            engine.train_batch(data_iter=iter(micro))
+        last = [time.perf_counter()]
+
+        def on_phase(name):             # each phase's end, synchronized; the copy to the device is no phase
             sync()
-            if busy is not None:
-                t["stage_forward"], t["stage_backward"] = busy["forward"], busy["backward"]
-        else:
-            for x, y in micro:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                t1 = time.perf_counter()
-                loss = lm_loss(engine(x), y, l2wrap)
-                if phases:
-                    sync()
-                t2 = time.perf_counter()
-                engine.backward(loss)
-                if phases:
-                    sync()
-                t3 = time.perf_counter()
-                engine.step()
-                if phases:
-                    sync()
-                    t4 = time.perf_counter()
-                    t["forward"] += t2 - t1
-                    t["backward"] += t3 - t2
-                    t["optimizer"] += t4 - t3
-            sync()
+            now = time.perf_counter()
+            if name != "data":
+                t[name] += now - last[0]
+            last[0] = now
+
+        if busy is not None:
+            busy["forward"] = busy["backward"] = 0.0
+        train_step(engine, micro, device, l2wrap=l2wrap, on_phase=on_phase if phases else None)
+        sync()
+        if busy is not None:
+            t["stage_forward"], t["stage_backward"] = busy["forward"], busy["backward"]
         t["step"] = time.perf_counter() - t0
         for k in out:
             out[k].append(t[k])
@@ -149,12 +145,7 @@ def say_main(dist, text: str) -> None:
 
 def make_sdpa(cfg, mcfg, T):
     sdpa = SDPATransformer(mcfg.vocab_size, mcfg.n_layer, mcfg.n_embd, ffn_mult=mcfg.ffn_mult)
-    sdpa.gradient_checkpointing = bool(cfg.train.activation_checkpointing)
-    if cfg.model.compile:
-        sdpa.compile_blocks()
-        if cfg.parallel.zero_stage == 3:  # as for RRWKV's blocks: no ZeRO-3 hook inside a compiled block
-            from deepspeed.utils import set_z3_leaf_modules
-            set_z3_leaf_modules(sdpa, [TransformerBlock])
+    apply_block_options(cfg, sdpa)          # model.compile and activation checkpointing, as for RRWKV
     return sdpa, sdpa.flops_per_token(T), sum(q.numel() for q in sdpa.parameters())
 
 
@@ -173,18 +164,18 @@ def run(argv):
                         "device kernels and host-side calls, printed and kept in the JSON")
     args, rest = p.parse_known_args(argv)
     if min(args.steps, args.phase_steps) < 1 or args.warmup < 0:
-        raise R.UserError("--steps and --phase-steps must be >= 1 and --warmup >= 0")
+        raise UserError("--steps and --phase-steps must be >= 1 and --warmup >= 0")
     cfg = parse_config(rest)
-    dist = R.init(cfg)
-    mcfg = R.model_config(cfg)
+    dist = start(cfg)
+    mcfg = model_config(cfg)
     t_start = time.perf_counter()
-    model, dp_rank = R.build_model(cfg, dist)
+    model, dp_rank = build_model(cfg, dist)
     say_main(dist, f"benchmark: model built and initialized in {time.perf_counter() - t_start:.1f} s")
-    layout = batch_layout(cfg, R.data_parallel_size(cfg, dist), dp_rank)
+    layout = batch_layout(cfg, data_parallel_size(cfg, dist), dp_rank)
     T, M = cfg.data.seq_len, layout.micro_batch_size
     gen = torch.Generator().manual_seed(cfg.run.seed + dp_rank)
     if args.data == "config":
-        lanes = R.train_batches(cfg, R.prepare_data(cfg, dist), layout)
+        lanes = train_batches(cfg, prepare_data(cfg, dist), layout)
         batches = lanes.next_step
     else:
         def batches():
@@ -195,7 +186,7 @@ def run(argv):
     step_tokens = layout.global_batch_size * T
     stages = cfg.parallel.pipeline_stages
     if args.also_compiled and (cfg.model.compile or cfg.parallel.zero_stage == 3):
-        raise R.UserError("--also-compiled times each model eager and then compiled: give model.compile=false, "
+        raise UserError("--also-compiled times each model eager and then compiled: give model.compile=false, "
                           "and parallel.zero_stage 0-2 (ZeRO-3 must know before its engine is built)")
     sync = (lambda: torch.cuda.synchronize(dist.device)) if dist.device.type == "cuda" else (lambda: None)
 
@@ -216,7 +207,7 @@ def run(argv):
         ph = time_steps(engine, batches, args.phase_steps, dist.device, l2, phases=True, busy=busy)
         tps = step_tokens / t["step"]
         per_dev = tps * flops / dist.world_size
-        stats = gather(R.memory_stats(dist.device))
+        stats = gather(memory_stats(dist.device))
         mem = [m.get("mem_gb") for m in stats]
         r = {"params": params, "tokens_per_s": tps, "tflops_per_device": per_dev / 1e12,
              "mfu": per_dev / peak, "mfu_vs_measured_matmul": per_dev / matmul, "flops_per_token": flops,
@@ -251,13 +242,6 @@ def run(argv):
                              "min_idle_frac": min(s["idle_frac"] for s in per_rank)}
         return r
 
-    def compile_now(name, m):
-        if name == "rrwkv":
-            from rrwkv.pretrain.compile import compile_blocks
-            compile_blocks(m)
-        else:
-            m.compile_blocks()
-
     models = ["rrwkv"] + (["sdpa_transformer"] if not args.no_sdpa and stages == 1 else [])
     results, names = {}, []
     for name in models:
@@ -270,7 +254,7 @@ def run(argv):
         say_main(dist, f"benchmark: {name}: engine built in {time.perf_counter() - t_engine:.1f} s")
         for variant in ([name, name + "_compiled"] if args.also_compiled else [name]):
             if variant.endswith("_compiled"):
-                compile_now(name, m)
+                compile_blocks(m)
             names.append(variant)
             graphs = dynamo_graphs()
             try:
@@ -280,7 +264,7 @@ def run(argv):
                 if dist.world_size > 1:
                     raise
                 results[variant] = {"error": "out of memory: " + str(e).splitlines()[0],
-                                    **R.memory_stats(dist.device)}
+                                    **memory_stats(dist.device)}
                 say_main(dist, f"{variant}: out of memory")
                 break
         if hasattr(engine, "destroy"):
@@ -332,4 +316,4 @@ def run(argv):
 
 
 def main(argv=None) -> int:
-    return R.run_main(run, sys.argv[1:] if argv is None else argv)
+    return run_main(run, sys.argv[1:] if argv is None else argv)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from rrwkv.pretrain import evaluation as ev
-from rrwkv.pretrain import run as cli
+from rrwkv.pretrain.cli.common import run_main
 from rrwkv.pretrain import tasks
 from rrwkv.pretrain.export import find_tokenizer, load_model, load_tokenizer, parse_dtype
 from rrwkv.pretrain.generation import default_dtype, pick_device
@@ -93,4 +93,4 @@ def run(argv):
 
 
 def main(argv=None) -> int:
-    return cli.run_main(run, sys.argv[1:] if argv is None else argv)
+    return run_main(run, sys.argv[1:] if argv is None else argv)

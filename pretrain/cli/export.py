@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-from rrwkv.pretrain import run as cli
+from rrwkv.pretrain.cli.common import run_main
 from rrwkv.pretrain.export import export_checkpoint
 
 
@@ -25,4 +25,4 @@ def run(argv):
 
 
 def main(argv=None) -> int:
-    return cli.run_main(run, sys.argv[1:] if argv is None else argv)
+    return run_main(run, sys.argv[1:] if argv is None else argv)

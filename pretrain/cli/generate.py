@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 
-from rrwkv.pretrain import run as cli
+from rrwkv.pretrain.cli.common import run_main
 from rrwkv.pretrain.export import load_model, load_tokenizer, parse_dtype
 from rrwkv.pretrain.generation import Sampling, TextStream, default_dtype, generate, pick_device
 
@@ -57,4 +57,4 @@ def run(argv):
 
 
 def main(argv=None) -> int:
-    return cli.run_main(run, sys.argv[1:] if argv is None else argv)
+    return run_main(run, sys.argv[1:] if argv is None else argv)

@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     early = catch_signals_early()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser().parse_intermixed_args(argv)          # --help and usage errors before the slow imports
-    from rrwkv.pretrain.run import run_main       # torch, DeepSpeed: seconds to load
+    from rrwkv.pretrain.cli.common import run_main   # torch: seconds to load
 
     def run(args: Sequence[str]) -> int:
         from rrwkv.pretrain.train import train

@@ -1,0 +1,73 @@
+"""What a training run writes beside its checkpoints and prints: config.yaml, deepspeed_config.json,
+runs.jsonl, REQUEUE, and the console lines of rank 0."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from .checkpoint import write_atomic
+from .config import model_config, to_yaml
+from .distributed import Dist
+from .metrics import run_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, resumed_at: int,
+                    deepspeed: Optional[Dict] = None) -> None:
+    """config.yaml, the DeepSpeed config the engine was given (deepspeed_config.json) and a line of
+    runs.jsonl per start."""
+    if not d.is_main:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "config.yaml", to_yaml(cfg))
+    if deepspeed is not None:
+        write_atomic(out_dir / "deepspeed_config.json", json.dumps(deepspeed, indent=1) + "\n")
+    meta = dict(run_metadata(ROOT), world_size=d.world_size, device=str(d.device), resumed_at_step=resumed_at,
+                argv=sys.argv)
+    with (out_dir / "runs.jsonl").open("a") as f:     # one line per start (first run and every resume)
+        f.write(json.dumps(meta) + "\n")
+
+
+def announce(cfg: DictConfig, d: Dist, layout, flops: float, peak_name: str, resume_dir, step: int) -> None:
+    from .metrics import count_params
+    n = count_params(model_config(cfg))
+    d.say(f"model: {n / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; MFU against {peak_name}; "
+           f"{d.world_size} rank(s) on {d.device.type} ({layout.data_parallel} data-parallel x "
+           f"{cfg.parallel.pipeline_stages} pipeline stages, ZeRO-{cfg.parallel.zero_stage}); global batch "
+           f"{layout.global_batch_size} x {cfg.data.seq_len} tokens ({layout.grad_accum} accumulation steps); "
+           + (f"resumed from {resume_dir} at step {step}" if step else "fresh start"))
+
+
+def mark_requeue(out_dir: Path, d: Dist, step: int) -> None:
+    """OUT_DIR/REQUEUE: this run stopped on a signal after saving step `step`; start it again."""
+    if d.is_main:
+        write_atomic(out_dir / "REQUEUE", json.dumps({"step": step}) + "\n")
+        print(f"stopped on signal after saving step {step}; wrote {out_dir / 'REQUEUE'}", flush=True)
+
+
+def mark_done(out_dir: Path, d: Dist) -> None:
+    if d.is_main:
+        (out_dir / "REQUEUE").unlink(missing_ok=True)
+
+
+def memory_stats(device: torch.device) -> Dict[str, float]:
+    """Peak memory: on a GPU the peak allocated (`mem_gb`) and reserved (`mem_reserved_gb`) by the
+    caching allocator, and `alloc_retries`, how often it found no free block, freed its cache (a
+    device synchronization) and tried again: above 0 the card is full or fragmented and steps slow
+    down (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True or a smaller micro-batch help).
+    On a CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return {"mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2 ** 30,
+                "alloc_retries": int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))}
+    try:
+        import resource
+        return {"mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    except ImportError:
+        return {}
