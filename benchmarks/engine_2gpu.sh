@@ -13,9 +13,9 @@ common=(--config configs/tiny.yaml --config configs/model/169m.yaml data.seq_len
         train.global_batch_size=16 train.precision=bf16 train.max_steps=$STEPS train.log_every=5 train.eval_every=0
         train.save_every=0 logging.wandb.mode=disabled optim.fused_adam=false optim.warmup_steps=5)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
-python3 -c "from data_tools.builtin import prepare_builtin_corpus; print(prepare_builtin_corpus(vocab_size=2048))"
+python3 -c "from rrwkv.data_tools.builtin import prepare_builtin_corpus; print(prepare_builtin_corpus(vocab_size=2048))"
 python3 -c "
-import time, torch; from kernels import build
+import time, torch; from rrwkv.kernels import build
 t=time.time(); build.load_wkv_extension(torch.bfloat16); print(f'kernel bf16 compile/load {time.time()-t:.1f} s')"
 deepspeed --num_gpus 2 launch/pretrain.py "${common[@]}" run.out_dir=$RUNS/zero2 parallel.zero_stage=2 \
   > "$OUT/zero2.log" 2>&1; echo "zero2 exit $?"

@@ -2,7 +2,7 @@
 # The WKV kernel (issue #3) on one GPU in one command: its GPU tests, the benchmark table, per-kernel
 # profiles and the cold/warm compile times. Everything goes to $OUT/kernel/.
 #
-#   source .whl/activate.sh && OUT=$OUT bash benchmarks/gpu1_kernel.sh        # about 5-7 minutes
+#   source benchmarks/on_device.sh && OUT=$OUT bash benchmarks/gpu1_kernel.sh        # about 5-7 minutes
 #
 # A/B against another version of the kernel's sources, in the same run on the same card (METHOD.md):
 # here, before the device call, `mkdir -p .kbase && git archive main kernels/csrc | tar -x -C .kbase`
@@ -43,25 +43,25 @@ step() {   # step NAME SECONDS COMMAND...: run, tee to $R/NAME.txt, record the e
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$R/status.txt" 2>&1
 cat "$R/status.txt"
 for d in ${VARIANTS:-}; do   # compile the variants meanwhile (each its own cached build)
-  RRWKV_WKV_CSRC=$d "$PY" -c "import torch; from kernels.build import load_wkv_extension as l; l(torch.bfloat16)" \
+  RRWKV_WKV_CSRC=$d "$PY" -c "import torch; from rrwkv.kernels.build import load_wkv_extension as l; l(torch.bfloat16)" \
     > "/tmp/prebuild_$(echo "$d" | tr / _).log" 2>&1 &
 done
 step tests 240 "$PY" -m pytest -q -m cuda -rs tests/test_wkv_cuda.py
 wait
-[ -n "${VARIANTS:-}" ] && step compare 150 "$PY" -m kernels.benchmark --compare $VARIANTS
-step bench 200 "$PY" -m kernels.benchmark --rep 30 ${BASELINE_CSRC:+--baseline-csrc "$BASELINE_CSRC"}
-step profile 60 "$PY" -m kernels.benchmark --profile
+[ -n "${VARIANTS:-}" ] && step compare 150 "$PY" -m rrwkv.kernels.benchmark --compare $VARIANTS
+step bench 200 "$PY" -m rrwkv.kernels.benchmark --rep 30 ${BASELINE_CSRC:+--baseline-csrc "$BASELINE_CSRC"}
+step profile 60 "$PY" -m rrwkv.kernels.benchmark --profile
 # Hardware counters of the four chunk kernels at (4,4096,2048), second step (the first compiles):
 # speed of light, occupancy, warp stalls, memory traffic. ncu reads counters on the Firecracker
 # machines (the device tool's KINDS.md); the clocks are left alone (its METHOD.md).
 step ncu 150 ncu --clock-control none -k "regex:k_(fwd_local|fwd_out|bwd_local|bwd_out)" --launch-skip 4 \
   --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats \
   --section MemoryWorkloadAnalysis --section LaunchStats \
-  "$PY" -m kernels.benchmark --steps-only 2 --shapes 4x4096x2048
+  "$PY" -m rrwkv.kernels.benchmark --steps-only 2 --shapes 4x4096x2048
 # The scans at one long sequence (B=1, T=16384: 64 blocks of 2 warps walk 256 chunks and 256 segments;
 # 0.127 of v9's 0.614 ms there): what bounds them (latency, outstanding loads, issue).
 step ncu_scans 90 ncu --clock-control none -k "regex:k_(fwd|bwd)_scan" --launch-skip 2 --launch-count 2 \
   --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-  "$PY" -m kernels.benchmark --steps-only 2 --shapes 1x16384x2048
-step compile_times 120 "$PY" -m kernels.benchmark --compile-times --cache-dir "/tmp/rrwkv-kernels-cold-$$"
+  "$PY" -m rrwkv.kernels.benchmark --steps-only 2 --shapes 1x16384x2048
+step compile_times 120 "$PY" -m rrwkv.kernels.benchmark --compile-times --cache-dir "/tmp/rrwkv-kernels-cold-$$"
 cat "$R/status.txt"

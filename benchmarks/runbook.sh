@@ -48,7 +48,7 @@ report_env() {
   cat "$OUT/env.txt"
   if [ "$TINY" != 1 ]; then   # the WKV kernel once per machine (about 25 s cold), timed apart from the runs
     python3 -c "
-import time, torch; from kernels import build
+import time, torch; from rrwkv.kernels import build
 t = time.time(); build.load_wkv_extension(torch.bfloat16); print(f'WKV kernel (bf16) build/load {time.time() - t:.1f} s')" \
       2>&1 | tail -1 | tee -a "$OUT/env.txt"
   fi

@@ -75,7 +75,7 @@ if [ -f "$RUN/config.yaml" ]; then
   "$PY" -c '
 import sys
 from omegaconf import OmegaConf
-from pretrain.config import load_config
+from rrwkv.pretrain.config import load_config
 try:
     old, new = OmegaConf.load(sys.argv[1]), load_config(sys.argv[2:4], sys.argv[4:])
 except Exception as e:
