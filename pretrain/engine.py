@@ -33,16 +33,6 @@ def batch_layout(cfg: DictConfig, data_parallel: int, dp_rank: int) -> BatchLayo
     return BatchLayout(mbs, gbs // (mbs * data_parallel), gbs, data_parallel, dp_rank)
 
 
-
-
-
-
-
-
-
-
-
-
 def current_lr(engine) -> float:
     """The base-group learning rate the next optimizer step uses."""
     for g in engine.optimizer.param_groups:

@@ -138,11 +138,6 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def say_main(dist, text: str) -> None:
-    if dist.is_main:
-        print(text, flush=True)
-
-
 def make_sdpa(cfg, mcfg, T):
     sdpa = SDPATransformer(mcfg.vocab_size, mcfg.n_layer, mcfg.n_embd, ffn_mult=mcfg.ffn_mult)
     apply_block_options(cfg, sdpa)          # model.compile and activation checkpointing, as for RRWKV
@@ -170,7 +165,7 @@ def run(argv):
     mcfg = model_config(cfg)
     t_start = time.perf_counter()
     model, dp_rank = build_model(cfg, dist)
-    say_main(dist, f"benchmark: model built and initialized in {time.perf_counter() - t_start:.1f} s")
+    dist.say(f"benchmark: model built and initialized in {time.perf_counter() - t_start:.1f} s")
     layout = batch_layout(cfg, data_parallel_size(cfg, dist), dp_rank)
     T, M = cfg.data.seq_len, layout.micro_batch_size
     gen = torch.Generator().manual_seed(cfg.run.seed + dp_rank)
@@ -200,7 +195,7 @@ def run(argv):
         t0 = time.perf_counter()
         for i in range(args.warmup):   # one at a time, so that a slow start shows where it is
             time_steps(engine, batches, 1, dist.device, l2, phases=False)
-            say_main(dist, f"benchmark: {name}: warm-up step {i + 1}/{args.warmup} done at "
+            dist.say(f"benchmark: {name}: warm-up step {i + 1}/{args.warmup} done at "
                            f"{time.perf_counter() - t0:.1f} s")
         warmup_s = time.perf_counter() - t0
         t = time_steps(engine, batches, args.steps, dist.device, l2, phases=False)
@@ -218,7 +213,7 @@ def run(argv):
             r["mem_reserved_gb_per_rank"] = [m["mem_reserved_gb"] for m in stats]
             r["alloc_retries_per_rank"] = [m["alloc_retries"] for m in stats]
             if max(r["alloc_retries_per_rank"]):
-                say_main(dist, f"warning: {name}: the CUDA caching allocator ran out of free blocks "
+                dist.say(f"warning: {name}: the CUDA caching allocator ran out of free blocks "
                                f"{max(r['alloc_retries_per_rank'])} times (each a cache flush and a device "
                                "synchronization): its times are slowed by a full or fragmented card")
         if args.profile:   # a diagnostic: if the profiler fails, the figures above still stand
@@ -227,7 +222,7 @@ def run(argv):
             except Exception as e:  # noqa: BLE001
                 lines = [f"  profile failed: {type(e).__name__}: {e}"]
             r["profile"] = lines
-            say_main(dist, f"profile of one {name} step (rank 0):\n" + "\n".join(lines))
+            dist.say(f"profile of one {name} step (rank 0):\n" + "\n".join(lines))
         if cfg.train.activation_checkpointing:   # the recomputed forward: 8N instead of 6N per token
             r["hfu"] = r["mfu"] * 8 / 6
         if busy is not None:
@@ -251,7 +246,7 @@ def run(argv):
             m, flops, params = make_sdpa(cfg, mcfg, T)
         t_engine = time.perf_counter()
         engine = build_engine(m, cfg, layout, dist.device)
-        say_main(dist, f"benchmark: {name}: engine built in {time.perf_counter() - t_engine:.1f} s")
+        dist.say(f"benchmark: {name}: engine built in {time.perf_counter() - t_engine:.1f} s")
         for variant in ([name, name + "_compiled"] if args.also_compiled else [name]):
             if variant.endswith("_compiled"):
                 compile_blocks(m)
@@ -265,7 +260,7 @@ def run(argv):
                     raise
                 results[variant] = {"error": "out of memory: " + str(e).splitlines()[0],
                                     **memory_stats(dist.device)}
-                say_main(dist, f"{variant}: out of memory")
+                dist.say(f"{variant}: out of memory")
                 break
         if hasattr(engine, "destroy"):
             engine.destroy()
