@@ -9,18 +9,20 @@ dtype (one small module per dtype). Where the cache lives, in order:
      for the whole cluster),
   4. ~/.cache/rrwkv/kernels.
 Concurrent processes (the local ranks of a node, or nodes sharing the cache) serialize on a lock
-file next to the build folder: one compiles, the others wait and then import the result. The lock
-is an flock(2) lock, which the kernel drops when its holder dies, so a killed compile never leaves a
-lock that is waited on forever. On filesystems without flock a lock file created with O_EXCL is
-used instead; it records host and pid and is refreshed by a heartbeat thread, and is taken over when
-its holder is dead (same host) or its heartbeat stopped (any host). torch's own build-folder lock
-(a plain file named `lock`, which a killed torch build leaves behind and which makes torch wait
-forever) is removed while our lock is held, since then nobody else can be building.
+next to the build folder (BuildLock, from the package filelock): one compiles, the others wait and
+then import the result. It is an flock(2) lock (filelock.FileLock), which the kernel drops when its
+holder dies, so a killed compile never leaves a lock that is waited on forever. On filesystems
+without flock it is a lock file (filelock.SoftFileLock) that its holder touches every few seconds and
+that a waiter takes over when the holder is a dead process (same host) or stopped touching it (any
+host). torch's own build-folder lock (a plain file named `lock`, which a killed torch build leaves
+behind and which makes torch wait forever) is removed while our lock is held, since then nobody else
+can be building.
 A build that completed is recorded by a marker file; later loads import the .so directly (no ninja
 run), which takes well under a second.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.util
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +41,7 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None
 
+import filelock
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -134,147 +138,125 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    return True
+
+
+def _flock_works(path: Path) -> bool:
+    """Whether the filesystem of `path` supports flock(2) (some network filesystems answer ENOLCK)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # a probe (the close drops it); EWOULDBLOCK: works
+    except OSError as e:
+        return e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+    finally:
+        os.close(fd)
     return True
 
 
 class BuildLock:
-    """An exclusive inter-process lock on `path` that never waits on a dead holder.
+    """An exclusive inter-process lock on `path` that never waits on a dead holder (module doc).
 
-    mode "flock" (default when the filesystem supports it): fcntl.flock on the file; released by the
-    OS when the holder exits or is killed. mode "file": an O_EXCL lock file holding
-    {"host", "pid", "time"}, refreshed every `heartbeat` seconds; a waiter removes it when the holder
-    is a dead process of this host or the file has not been refreshed for `stale_after` seconds.
+    mode "flock": filelock.FileLock on `path`. mode "file": filelock.SoftFileLock on `path`.soft, which
+    the holder touches every `heartbeat` s and a waiter removes when the holder is a dead process of
+    this host or left it untouched for `stale_after` s (clocks, the file server's too, must agree well
+    within that).
+    "auto": "flock" where the filesystem supports it. The holder's host and pid are in `path`.owner.
     """
 
     def __init__(self, path, timeout: float = 600.0, mode: str = "auto", heartbeat: float = 5.0,
                  stale_after: float = 60.0, poll: float = 0.2):
         self.path = Path(path)
+        self.soft_path, self.record = (self.path.with_name(self.path.name + s) for s in (".soft", ".owner"))
         self.timeout, self.mode, self.heartbeat = timeout, mode, heartbeat
         self.stale_after, self.poll = stale_after, poll
-        self._fd = None
-        self._stop = None
-        self._thread = None
         self.recovered_stale = False
+        self._lock, self._beat, self._stop = None, None, threading.Event()
 
-    # -- flock
-    def _acquire_flock(self, deadline: float) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+    def _holder(self) -> dict:
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"timed out after {self.timeout:.0f} s waiting for build lock {self.path} "
-                                           f"(held by a live process: {self._describe(fd)})")
-                    time.sleep(self.poll)
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(self._me()).encode())
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+            return json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return {}
 
-    def _describe(self, fd) -> str:
+    @staticmethod
+    def _who(rec: dict) -> str:
+        return f"pid {rec['pid']} on host {rec['host']}" if rec else "a process that has not recorded itself"
+
+    def _touch(self) -> None:
+        if self.mode == "file":
+            os.utime(self.soft_path)
+        self.record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+    def _take_over_if_stale(self) -> None:
         try:
-            return os.pread(fd, 4096, 0).decode() or "unknown"
-        except OSError:
-            return "unknown"
-
-    # -- O_EXCL file
-    def _me(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-
-    def _is_stale(self, info: Optional[dict], mtime: float) -> bool:
-        if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-            if not _pid_alive(info["pid"]):
-                return True
-        return time.time() - mtime > self.stale_after
-
-    def _acquire_file(self, deadline: float) -> None:
-        while True:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                os.write(fd, json.dumps(self._me()).encode())
-                os.close(fd)
-                break
-            except FileExistsError:
-                pass
-            try:
-                raw = self.path.read_text()
-                mtime = self.path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            try:
-                info = json.loads(raw) if raw else None
-            except ValueError:
-                info = None
-            if self._is_stale(info, mtime):
-                # Take the stale file out of the way atomically; if someone replaced it meanwhile
-                # (its content changed), put theirs back and try again.
-                grave = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}.{time.monotonic_ns()}")
-                try:
-                    os.rename(self.path, grave)
-                except FileNotFoundError:
-                    continue
-                if grave.read_text() != raw:
-                    try:
-                        os.link(grave, self.path)
-                    except FileExistsError:
-                        pass
-                    grave.unlink(missing_ok=True)
-                    continue
-                grave.unlink(missing_ok=True)
-                self.recovered_stale = True
-                continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {self.timeout:.0f} s waiting for build lock {self.path} "
-                                   f"(held by {raw.strip() or 'unknown'})")
-            time.sleep(self.poll)
-        self._stop = threading.Event()
-
-        def beat():
-            while not self._stop.wait(self.heartbeat):
-                try:
-                    os.utime(self.path)
-                except OSError:
-                    pass
-        self._thread = threading.Thread(target=beat, name="rrwkv-build-lock-heartbeat", daemon=True)
-        self._thread.start()
+            st, rec = os.stat(self.soft_path), self._holder()
+        except FileNotFoundError:
+            return
+        dead, age = rec.get("host") == socket.gethostname() and not _pid_alive(rec["pid"]), time.time() - st.st_mtime
+        if not dead and age <= self.stale_after:
+            return
+        # The record goes first (a lock file without one counts as alive until `stale_after`); then the
+        # file is moved aside atomically, and put back if another waiter replaced it meanwhile.
+        self.record.unlink(missing_ok=True)
+        grave = self.soft_path.with_name(f"{self.soft_path.name}.stale.{os.getpid()}")
+        try:
+            os.rename(self.soft_path, grave)
+        except FileNotFoundError:
+            return
+        moved = os.stat(grave)
+        if (moved.st_ino, moved.st_mtime_ns) == (st.st_ino, st.st_mtime_ns):
+            self.recovered_stale = True
+            print(f"rrwkv: took over the build lock {self.soft_path} from {self._who(rec)}, "
+                  + ("which has exited" if dead else f"silent for {age:.0f} s"), file=sys.stderr, flush=True)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(grave, self.soft_path)
+        grave.unlink()
 
     def acquire(self) -> "BuildLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.timeout
-        mode = self.mode
-        if mode in ("auto", "flock") and fcntl is not None:
+        if self.mode == "auto":
+            self.mode = "flock" if fcntl is None or _flock_works(self.path) else "file"
+        soft = self.mode == "file"
+        lock = filelock.SoftFileLock(str(self.soft_path)) if soft else filelock.FileLock(str(self.path))
+        deadline, waiting = time.monotonic() + self.timeout, False
+        while True:
+            if soft:
+                self._take_over_if_stale()
             try:
-                self._acquire_flock(deadline)
-                self.mode = "flock"
-                return self
-            except OSError as e:
-                if mode == "flock" or e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                # flock unsupported here: fall back to the lock file. Uses a separate name so
-                # that the flock file (which always exists) is not mistaken for a held lock.
-            self.path = self.path.with_name(self.path.name + ".x")
-        self.mode = "file"
-        self._acquire_file(deadline)
+                lock.acquire(timeout=0)
+                break
+            except filelock.Timeout:
+                pass
+            who = self._who(self._holder())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rrwkv: timed out after {self.timeout:.0f} s waiting for the kernel build lock "
+                                   f"{lock.lock_file} held by {who}: let that build finish, or stop that process")
+            if not waiting:
+                print(f"rrwkv: waiting for the build lock {lock.lock_file} held by {who}", file=sys.stderr, flush=True)
+                waiting = True
+            time.sleep(self.poll)
+        self._lock = lock
+        self._touch()
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._beating, name="rrwkv-build-lock-heartbeat", daemon=True)
+        self._beat.start()
         return self
 
+    def _beating(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with contextlib.suppress(OSError):
+                self._touch()                  # also puts back a record that a mistaken waiter removed
+
     def release(self) -> None:
-        if self.mode == "flock" and self._fd is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
-        elif self.mode == "file" and self._stop is not None:
-            self._stop.set()
-            self._thread.join()
-            self._stop = None
-            self.path.unlink(missing_ok=True)
+        if self._lock is None:
+            return
+        self._stop.set()
+        self._beat.join()
+        self.record.unlink(missing_ok=True)      # first, so that a lock file without record is a fresh one
+        self._lock.release()
+        self._lock = None
 
     def __enter__(self):
         return self.acquire()

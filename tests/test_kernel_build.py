@@ -3,8 +3,11 @@
 They compile a tiny C++ extension (and, where nvcc is installed, a broken .cu file) with the same
 code path the WKV kernel uses; no GPU is needed.
 """
+import errno
 import json
+import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,70 +83,125 @@ def test_another_source_folder_is_its_own_build(monkeypatch, tmp_path):
         build.host_build_spec(torch.float32)
 
 
-def test_flock_is_released_when_the_holder_is_killed(tmp_path):
+# The lock tests run their contenders as forked processes (fast: torch is already imported).
+FORK = multiprocessing.get_context("fork")
+
+
+def _hold(lock, mode, ready, host=None, heartbeat=5.0):
+    if host:
+        socket.gethostname = lambda: host        # this process plays a node of that name
+    held = build.BuildLock(lock, mode=mode, heartbeat=heartbeat).acquire()
+    ready.set()
+    time.sleep(120)
+    held.release()
+
+
+def _holder(lock, mode, **kw):
+    """A process holding the lock (until killed)."""
+    ready = FORK.Event()
+    p = FORK.Process(target=_hold, args=(lock, mode, ready), kwargs=kw, daemon=True)
+    p.start()
+    assert ready.wait(30), "the holder did not get the lock"
+    return p
+
+
+@pytest.mark.parametrize("mode", ["auto", "file"])
+def test_a_killed_holder_does_not_block_the_next(tmp_path, mode, capfd):
     lock = tmp_path / "x.lock"
-    p = _py(f"""
-        import time, sys
-        from rrwkv.kernels.build import BuildLock
-        l = BuildLock({str(lock)!r}).acquire()
-        print("LOCKED", l.mode, flush=True)
-        time.sleep(120)
-    """)
-    line = p.stdout.readline()
-    assert line.startswith("LOCKED"), line
+    p = _holder(lock, mode)
     try:
-        with pytest.raises(TimeoutError):
-            build.BuildLock(lock, timeout=0.5).acquire()     # a live holder is waited on
+        with pytest.raises(TimeoutError) as e:            # a live holder is waited for, then one clear line
+            build.BuildLock(lock, timeout=0.5, mode=mode).acquire()
+        assert re.fullmatch(rf"rrwkv: timed out after \d+ s waiting for the kernel build lock {re.escape(str(lock))}"
+                            rf"(\.soft)? held by pid {p.pid} on host {re.escape(socket.gethostname())}: .*", str(e.value))
+        assert f"waiting for the build lock {lock}" in capfd.readouterr().err
     finally:
-        os.kill(p.pid, signal.SIGKILL)                        # a compile killed mid-way
-        p.wait()
+        p.kill()                                           # a compile killed mid-way
+        p.join()
     t = time.monotonic()
-    with build.BuildLock(lock, timeout=10):
-        pass
-    assert time.monotonic() - t < 5
-
-
-def _dead_pid():
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
-def test_file_lock_taken_over_from_dead_process_on_this_host(tmp_path):
-    lock = tmp_path / "y.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "time": time.time()}))
-    lk = build.BuildLock(lock, timeout=5, mode="file", stale_after=3600)
-    t = time.monotonic()
+    lk = build.BuildLock(lock, timeout=10, mode=mode, stale_after=3600)
     with lk:
-        assert lk.recovered_stale
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert lk.mode == ("flock" if mode == "auto" else "file")
     assert time.monotonic() - t < 3
-    assert not lock.exists()
+    assert lk.recovered_stale == (mode == "file")          # flock: the OS dropped it; file: dead pid seen
+    assert not lk.soft_path.exists() and not lk.record.exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == (["x.lock"] if mode == "auto" else [])
 
 
-def test_file_lock_of_other_host_stale_only_without_heartbeat(tmp_path):
-    lock = tmp_path / "z.lock"
-    lock.write_text(json.dumps({"host": "some-other-node", "pid": 1, "time": 0}))
-    with pytest.raises(TimeoutError):                      # fresh mtime: a live compile elsewhere
-        build.BuildLock(lock, timeout=0.6, mode="file", stale_after=30).acquire()
+def _build_once(lock, mode, log):
+    with build.BuildLock(lock, mode=mode, timeout=60, poll=0.05):
+        with open(log, "a") as f:
+            f.write(f"in {os.getpid()}\n")
+        built = lock.with_name("built")
+        if not built.exists():
+            time.sleep(0.3)
+            built.write_text("")
+            with open(log, "a") as f:
+                f.write("built\n")
+        with open(log, "a") as f:
+            f.write(f"out {os.getpid()}\n")
+
+
+@pytest.mark.parametrize("mode", ["auto", "file"])
+def test_contending_processes_build_once_one_at_a_time(tmp_path, mode):
+    lock, log = tmp_path / "c.lock", tmp_path / "log"
+    procs = [FORK.Process(target=_build_once, args=(lock, mode, log)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    events = log.read_text().splitlines()
+    assert events.count("built") == 1
+    events = [ev for ev in events if ev != "built"]
+    assert len(events) == 8
+    for a, b in zip(events[::2], events[1::2]):            # nobody entered while another was inside
+        assert a.startswith("in ") and b == "out " + a[3:]
+
+
+@pytest.mark.parametrize("host, sig", [("some-other-node", signal.SIGKILL), (None, signal.SIGSTOP)])
+def test_soft_lock_waited_for_while_its_holder_beats_taken_over_when_it_stops(tmp_path, host, sig):
+    """Another host's holder (whose pid means nothing here), or a hung one of this host: its heartbeat
+    keeps the lock however long it holds it; once the heartbeat stops, the lock is taken over."""
+    lock = tmp_path / "h.lock"
+    p = _holder(lock, "file", host=host, heartbeat=0.1)
+    try:
+        with pytest.raises(TimeoutError, match=f"held by pid {p.pid} on host {host or socket.gethostname()}"):
+            build.BuildLock(lock, timeout=2.0, mode="file", stale_after=0.7).acquire()
+        os.kill(p.pid, sig)                                 # that node dies / the holder hangs
+        t = time.monotonic()
+        lk = build.BuildLock(lock, timeout=10, mode="file", stale_after=0.7)
+        with lk:
+            assert lk.recovered_stale
+        assert 0.4 < time.monotonic() - t < 5
+    finally:
+        p.kill()
+        p.join()
+
+
+def test_soft_lock_left_long_ago_is_taken_over_at_once(tmp_path):
+    """A lock file whose holder (another host, or one that died before recording itself) stopped
+    touching it long ago: no wait for `stale_after` to pass once more."""
+    lk = build.BuildLock(tmp_path / "z.lock", timeout=10, mode="file", stale_after=30)
+    lk.soft_path.write_text("")
+    lk.record.write_text(json.dumps({"host": "some-other-node", "pid": 1}))
+    with pytest.raises(TimeoutError, match="held by pid 1 on host some-other-node"):   # touched just now
+        build.BuildLock(lk.path, timeout=0.5, mode="file", stale_after=30).acquire()
     old = time.time() - 1000
-    os.utime(lock, (old, old))                             # its heartbeat stopped long ago
-    lk = build.BuildLock(lock, timeout=5, mode="file", stale_after=30)
+    os.utime(lk.soft_path, (old, old))
+    t = time.monotonic()
     with lk:
         assert lk.recovered_stale
+        assert json.loads(lk.record.read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
+    assert time.monotonic() - t < 2
 
 
-def test_file_lock_heartbeat_keeps_a_live_lock(tmp_path):
-    lock = tmp_path / "h.lock"
-    holder = build.BuildLock(lock, mode="file", heartbeat=0.1, stale_after=0.5).acquire()
-    try:
-        # Same host and a live pid, and the heartbeat keeps the mtime fresh past stale_after.
-        with pytest.raises(TimeoutError):
-            build.BuildLock(lock, timeout=1.5, mode="file", stale_after=0.5).acquire()
-        assert time.time() - lock.stat().st_mtime < 0.5
-    finally:
-        holder.release()
-    assert not lock.exists()
+def test_no_flock_falls_back_to_the_soft_lock(tmp_path, monkeypatch):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(build.fcntl, "flock", no_flock)   # as on an NFS mount without lock support
+    with build.BuildLock(tmp_path / "n.lock", timeout=5) as lk:
+        assert lk.mode == "file" and lk.soft_path.exists()
 
 
 def test_missing_nvcc_is_one_clear_error(monkeypatch, tmp_path):
