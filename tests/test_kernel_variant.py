@@ -1,15 +1,17 @@
-"""benchmarks/kernel_variant.sh: copies of the kernel sources with other macro defaults, for the
-GPU A/B runs (gpu1_kernel.sh VARIANTS)."""
+"""benchmarks/run.py make-variant: copies of the kernel sources with other macro defaults, for the
+GPU A/B runs (the kernel experiment's --variant)."""
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "kernel_variant.sh"
+SCRIPT = ROOT / "benchmarks" / "run.py"
 
 
 def run(*args):
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(SCRIPT), "make-variant", *map(str, args)], capture_output=True,
+                          text=True)
 
 
 def defines(csrc: Path, name: str):
