@@ -48,7 +48,7 @@ class DataSection:
     valid: Any = None
     seq_len: int = 256
     micro_batch_size: int = 8
-    num_workers: int = 0                 # DataLoader workers of the validation stream (training lanes: in process)
+    num_workers: int = 0                 # DataLoader workers of each rank's training and validation streams
     cache_dir: Optional[str] = None      # built-in corpus cache; default $RRWKV_CACHE_DIR or ~/.cache/rrwkv
 
 
@@ -250,6 +250,7 @@ def check_deepspeed_overrides(overrides: Any) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    """Each key on its own (choices, signs); the rules that span several keys are pretrain/plan.py's."""
     check_deepspeed_overrides(cfg.parallel.deepspeed)
     for key, choices in CHOICES.items():
         if choices is None:
@@ -267,10 +268,6 @@ def validate(cfg: DictConfig) -> None:
                 "data.num_workers", "optim.warmup_steps"]:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
-    if cfg.train.grad_accum_dtype == "bf16" and cfg.train.precision != "bf16":
-        raise ConfigError(f"config key 'train.grad_accum_dtype' is 'bf16' but train.precision is "
-                          f"'{cfg.train.precision}': bf16 gradient accumulation is for bf16 training; set "
-                          f"train.precision=bf16 or train.grad_accum_dtype=fp32")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
     if cfg.optim.lr <= 0 or cfg.optim.lr_final < 0:

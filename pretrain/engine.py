@@ -1,36 +1,12 @@
-"""One training step and one evaluation over the DeepSpeed engine (parallelize.py builds it), and the
-batch layout: how a global batch splits into micro-batches, accumulation steps and ranks."""
+"""One training step and one evaluation over the DeepSpeed engine (parallelize.py builds it)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from omegaconf import DictConfig
 
-from .config import ConfigError
 from .loss import lm_loss
-
-
-@dataclass
-class BatchLayout:
-    micro_batch_size: int
-    grad_accum: int
-    global_batch_size: int
-    data_parallel: int
-    dp_rank: int
-
-
-def batch_layout(cfg: DictConfig, data_parallel: int, dp_rank: int) -> BatchLayout:
-    mbs = cfg.data.micro_batch_size
-    gbs = cfg.train.global_batch_size or mbs * data_parallel
-    if gbs % (mbs * data_parallel):
-        raise ConfigError(f"train.global_batch_size ({gbs}) must be a multiple of data.micro_batch_size ({mbs}) "
-                          f"x data-parallel ranks ({data_parallel})")
-    if cfg.train.max_tokens:  # the run's length in tokens: whole steps of the global batch
-        cfg.train.max_steps = -(-cfg.train.max_tokens // (gbs * cfg.data.seq_len))
-    return BatchLayout(mbs, gbs // (mbs * data_parallel), gbs, data_parallel, dp_rank)
 
 
 def current_lr(engine) -> float:

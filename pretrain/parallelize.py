@@ -11,60 +11,53 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, check_deepspeed_overrides, model_config
+from .config import check_deepspeed_overrides, model_config
 from .distributed import Dist
 from .baseline import TransformerBlock
-from .engine import BatchLayout
 from .model import RRWKV, Block
 from .schedule import lr_factor
 from .weights import read_weights
 
+if TYPE_CHECKING:  # the plan is made by plan.make_plan, which calls deepspeed_config below
+    from .plan import Plan
+
 # ---- the model on its devices ----
 
-def data_parallel_size(cfg: DictConfig, d: Dist) -> int:
-    stages = cfg.parallel.pipeline_stages
-    if d.world_size % stages:
-        raise ConfigError(f"parallel.pipeline_stages ({stages}) must divide the number of processes ({d.world_size})")
-    return d.world_size // stages
-
-
-def build_model(cfg: DictConfig, d: Dist):
-    """RRWKV, or with parallel.pipeline_stages > 1 its PipelineModule; and this rank's data-parallel rank."""
-    if cfg.parallel.pipeline_stages > 1:
+def build_model(cfg: DictConfig, plan: Plan, d: Dist):
+    """RRWKV, or with parallel.pipeline_stages > 1 its PipelineModule."""
+    if plan.pipeline_stages > 1:
         from .pipeline import data_parallel_rank, pipeline_model
-        if cfg.run.init_from:
-            raise ConfigError("run.init_from is not supported with parallel.pipeline_stages > 1 yet; fine-tune "
-                              "without pipeline stages")
-        pipe = pipeline_model(model_config(cfg), cfg.parallel.pipeline_stages, cfg.run.seed,
+        pipe = pipeline_model(model_config(cfg), plan.pipeline_stages, cfg.run.seed,
                               cfg.train.activation_checkpointing, cfg.parallel.partition_method, cfg.train.l2wrap)
+        if data_parallel_rank(pipe) != plan.dp_rank:
+            raise RuntimeError(f"DeepSpeed's pipeline grid gives rank {d.rank} data-parallel rank "
+                               f"{data_parallel_rank(pipe)}, the plan {plan.dp_rank}: its topology changed")
         apply_block_options(cfg, pipe, d)
-        return pipe, data_parallel_rank(pipe)
+        return pipe
     weights = read_weights(model_config(cfg), Path(cfg.run.init_from)) if cfg.run.init_from else None
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init:
-        model = build_partitioned(cfg, d, weights)
+        model = build_partitioned(cfg, plan, d, weights)
     else:
         model = RRWKV(model_config(cfg), init_seed=cfg.run.seed)
         if weights is not None:
             model.load_state_dict(weights, strict=True)
     apply_block_options(cfg, model, d)
-    return model, d.rank
+    return model
 
 
-def build_partitioned(cfg: DictConfig, d: Dist, weights: Optional[Dict[str, torch.Tensor]] = None):
+def build_partitioned(cfg: DictConfig, plan: Plan, d: Dist, weights: Optional[Dict[str, torch.Tensor]] = None):
     """RRWKV created under ZeRO-3's zero.Init: every parameter is partitioned over the ranks as it is
     made, so no process ever holds the whole model (what 7B/14B need). Each part is then gathered,
     initialized with the same per-layer seeds as RRWKV(init_seed=...) (or given `weights`, by
     name) and partitioned again."""
     import deepspeed
 
-    from .engine import batch_layout
-    ds = deepspeed_config(cfg, batch_layout(cfg, data_parallel_size(cfg, d), d.rank), d.device)
-    with deepspeed.zero.Init(config_dict_or_path=ds):
+    with deepspeed.zero.Init(config_dict_or_path=plan.deepspeed_config()):
         model = RRWKV(model_config(cfg), init_seed=None)
     names = {id(m): n for n, m in model.named_modules()}
     for module, init in model.init_parts(cfg.run.seed):
@@ -190,17 +183,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     return out
 
 
-def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device) -> Dict:
+def deepspeed_config(cfg: DictConfig, micro_batch_size: int, grad_accum: int, global_batch_size: int,
+                     device: torch.device) -> Dict:
+    """The DeepSpeed config of a run (plan.make_plan calls it once, after checking the keys' rules)."""
     prec = cfg.train.precision
     stage = cfg.parallel.zero_stage
     offload = cfg.parallel.offload
-    if offload == "all" and stage != 3:
-        raise ConfigError("parallel.offload=all (parameters too) needs parallel.zero_stage=3; use offload=optimizer")
-    if offload != "none" and stage == 0:
-        raise ConfigError("parallel.offload needs parallel.zero_stage >= 1")
-    if cfg.parallel.pipeline_stages > 1 and stage > 1:
-        raise ConfigError(f"parallel.pipeline_stages > 1 works with parallel.zero_stage 0 or 1, not {stage}: ZeRO-2/3 "
-                          f"partition the gradients that the pipeline accumulates over its micro-batches")
     zero: Dict = {"stage": stage}
     if stage >= 1:
         bucket = int(cfg.parallel.bucket_size)
@@ -219,9 +207,9 @@ def deepspeed_config(cfg: DictConfig, layout: BatchLayout, device: torch.device)
         if device.type == "cuda":
             adam["fused"] = True   # torch's own fused CUDA AdamW: one kernel launch per group, no build
     ds = {
-        "train_batch_size": layout.global_batch_size,
-        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
-        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": o.grad_clip,
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_optimization": zero,
@@ -254,11 +242,11 @@ def merge_deepspeed_overrides(ds: Dict, overrides) -> Dict:
     return ds
 
 
-def build_engine(model: torch.nn.Module, cfg: DictConfig, layout: BatchLayout, device: torch.device):
+def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan):
     """deepspeed.initialize with our parameter groups and a warmup + decay schedule."""
     import deepspeed
 
-    schedule = functools.partial(lr_factor, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
+    schedule = functools.partial(lr_factor, warmup_steps=cfg.optim.warmup_steps, max_steps=plan.max_steps,
                                  lr=cfg.optim.lr, lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule)
     groups = param_groups(model, cfg.optim.weight_decay)
     for g in groups:
@@ -276,7 +264,7 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, layout: BatchLayout, d
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, leaves)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                           config=deepspeed_config(cfg, layout, device),
+                                           config=plan.deepspeed_config(),
                                            lr_scheduler=make_scheduler)
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # DeepSpeed checks gradients for inf/NaN only in fp16/bf16; check in fp32 too, so that a

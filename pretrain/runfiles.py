@@ -14,33 +14,34 @@ from .checkpoint import write_atomic
 from .config import model_config, to_yaml
 from .distributed import Dist
 from .metrics import run_metadata
+from .plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, resumed_at: int,
-                    deepspeed: Optional[Dict] = None) -> None:
+def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, plan: Optional[Plan], resumed_at: int) -> None:
     """config.yaml, the DeepSpeed config the engine was given (deepspeed_config.json) and a line of
-    runs.jsonl per start."""
+    runs.jsonl per start (with the plan: batch layout, steps)."""
     if not d.is_main:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "config.yaml", to_yaml(cfg))
-    if deepspeed is not None:
-        write_atomic(out_dir / "deepspeed_config.json", json.dumps(deepspeed, indent=1) + "\n")
+    if plan is not None:
+        write_atomic(out_dir / "deepspeed_config.json", json.dumps(plan.deepspeed, indent=1) + "\n")
     meta = dict(run_metadata(ROOT), world_size=d.world_size, device=str(d.device), resumed_at_step=resumed_at,
-                argv=sys.argv)
+                argv=sys.argv, plan=plan.summary() if plan is not None else None)
     with (out_dir / "runs.jsonl").open("a") as f:     # one line per start (first run and every resume)
         f.write(json.dumps(meta) + "\n")
 
 
-def announce(cfg: DictConfig, d: Dist, layout, flops: float, peak_name: str, resume_dir, step: int) -> None:
+def announce(cfg: DictConfig, d: Dist, plan: Plan, flops: float, peak_name: str, resume_dir, step: int) -> None:
     from .metrics import count_params
     n = count_params(model_config(cfg))
     d.say(f"model: {n / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; MFU against {peak_name}; "
-           f"{d.world_size} rank(s) on {d.device.type} ({layout.data_parallel} data-parallel x "
-           f"{cfg.parallel.pipeline_stages} pipeline stages, ZeRO-{cfg.parallel.zero_stage}); global batch "
-           f"{layout.global_batch_size} x {cfg.data.seq_len} tokens ({layout.grad_accum} accumulation steps); "
+           f"{d.world_size} rank(s) on {d.device.type} ({plan.data_parallel} data-parallel x "
+           f"{plan.pipeline_stages} pipeline stages, ZeRO-{cfg.parallel.zero_stage}); global batch "
+           f"{plan.global_batch_size} x {plan.seq_len} tokens ({plan.grad_accum} accumulation steps), "
+           f"{plan.max_steps} steps; "
            + (f"resumed from {resume_dir} at step {step}" if step else "fresh start"))
 
 

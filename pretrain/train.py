@@ -8,48 +8,50 @@ from pathlib import Path
 
 from . import checkpoint, faults, runfiles
 from .config import model_config, model_fields
-from .data.sources import prepare_data, train_batches, valid_batches
+from .data.sources import micro_batches, prepare_data, train_batches, valid_batches
 from .distributed import start
-from .engine import all_reduce_sum, batch_layout, current_lr, evaluate, train_step
+from .engine import all_reduce_sum, current_lr, evaluate, train_step
 from .evaluation import perplexity
 from .metrics import MetricsLogger, StepTimer, device_peak, flops_per_token
-from .parallelize import build_engine, build_model, data_parallel_size, deepspeed_config
+from .parallelize import build_engine, build_model
+from .plan import make_plan
 
 
 def train(cfg, early_signals=()) -> int:
     dist = start(cfg)                                                        # processes, seeds
+    plan = make_plan(cfg, dist.world_size, dist.rank, dist.device)            # layout, steps, DeepSpeed config
     out = Path(cfg.run.out_dir)
     sources = prepare_data(cfg, dist)                                       # shards (built-in corpus on first use)
-    model, dp_rank = build_model(cfg, dist)                                 # RRWKV or its pipeline stages
-    layout = batch_layout(cfg, data_parallel_size(cfg, dist), dp_rank)
-    engine = build_engine(model, cfg, layout, dist.device)                    # DeepSpeed
-    batches = train_batches(cfg, sources, layout)                           # this rank's rows of each batch
+    model = build_model(cfg, plan, dist)                                    # RRWKV or its pipeline stages
+    engine = build_engine(model, cfg, plan)                                 # DeepSpeed
+    batches = train_batches(cfg, sources, plan)                             # this rank's rows of each batch
     resume_dir = checkpoint.find_resume_dir(out, cfg.run.resume)
     client = {"step": 0, "tokens": 0}
     if resume_dir is not None:                                                # model, optimizer, data, RNG
-        client = checkpoint.load(engine, resume_dir, dist.rank, layout.data_parallel, model_fields(cfg))
+        client = checkpoint.load(engine, resume_dir, dist.rank, plan.data_parallel, model_fields(cfg))
         batches.load_state_dict(checkpoint.merged_lanes(client))
         checkpoint.set_rng_state(client["mine"]["rng"])
     step, tokens = client["step"], client["tokens"]
-    runfiles.write_run_files(cfg, out, dist, resumed_at=step, deepspeed=deepspeed_config(cfg, layout, dist.device))
-    log = MetricsLogger(out, cfg, cfg.train.max_steps, step, dist.is_main, client.get("wandb_id"))
+    steps = micro_batches(batches, plan.micro_batch_size)                  # each step's micro-batches
+    runfiles.write_run_files(cfg, out, dist, plan, resumed_at=step)
+    log = MetricsLogger(out, cfg, plan.max_steps, step, dist.is_main, client.get("wandb_id"))
     peak, peak_name = device_peak(dist.device, cfg.train.peak_tflops)
     flops = flops_per_token(model_config(cfg))
-    timer = StepTimer(layout.global_batch_size * cfg.data.seq_len, flops, peak, dist.world_size,
+    timer = StepTimer(plan.step_tokens, flops, peak, dist.world_size,
                       recompute=cfg.train.activation_checkpointing)
     stop = faults.StopRequest(list(early_signals))
     bad = faults.BadSteps(cfg.train.max_bad_steps, fp16=cfg.train.precision == "fp16")
     watchdog = faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
-    runfiles.announce(cfg, dist, layout, flops, peak_name, resume_dir, step)
+    runfiles.announce(cfg, dist, plan, flops, peak_name, resume_dir, step)
 
     def save():
         checkpoint.save(engine, out / "checkpoints", step,
                         {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": model_fields(cfg)},
                         {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
 
-    while step < cfg.train.max_steps:                                         # loop
+    while step < plan.max_steps:                                         # loop
         t_data = time.perf_counter()
-        micro = batches.next_step()
+        micro = next(steps, None)
         timer.data_wait(time.perf_counter() - t_data)
         if micro is None:
             dist.say(f"data exhausted after {step} steps")
@@ -66,14 +68,14 @@ def train(cfg, early_signals=()) -> int:
                 dist.say(f"error: {bad.in_a_row} non-finite steps in a row (train.max_bad_steps); stopping "
                             f"without saving, the last good checkpoint is kept", err=True)
                 return faults.BAD_STEPS_EXIT
-        if step % cfg.train.log_every == 0 or step in (1, cfg.train.max_steps):
+        if step % cfg.train.log_every == 0 or step in (1, plan.max_steps):
             log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
-                     **timer.rates(step, cfg.train.max_steps, dist.device), "skipped_steps": bad.total,
+                     **timer.rates(step, plan.max_steps, dist.device), "skipped_steps": bad.total,
                      "overflow_steps": bad.overflows, **runfiles.memory_stats(dist.device),
-                     "corrupt_shards": all_reduce_sum(batches.corrupt_shards(), dist.device)  # each stage reads
+                     "corrupt_shards": all_reduce_sum(batches.stats()["corrupt_shards"], dist.device)  # each stage reads
                      // cfg.parallel.pipeline_stages})                            # the same lanes
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and sources.valid:
-            val = evaluate(engine, valid_batches(cfg, sources, layout), dist.device)
+            val = evaluate(engine, valid_batches(cfg, sources, plan), dist.device)
             log.log({"step": step, "val_loss": val, "val_ppl": perplexity(val)})
             timer.pause()
         if stop.agreed(dist.device):                                          # preemption: save and requeue
@@ -81,7 +83,7 @@ def train(cfg, early_signals=()) -> int:
             runfiles.mark_requeue(out, dist, step)
             log.close()
             return faults.REQUEUE_EXIT
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < plan.max_steps:
             save()                                                            # checkpoints
             timer.pause()
     if step > client["step"]:

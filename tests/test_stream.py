@@ -310,3 +310,44 @@ def test_remote_shards_through_pipe_and_http(data, tmp_path):
         assert len(list(s)) == len(local) // 2
     with pytest.raises(FileNotFoundError, match="nonexistent"):
         TokenStream("pipe:cat /nonexistent/manifest.json", **kw)
+
+
+def test_lanes_mode_rows_are_contiguous_lanes_any_split_workers_and_resume(data):
+    """Lanes mode (what training reads): row i of rank r is lane r*B + i, one contiguous stream; the
+    same lanes whatever the ranks x rows split, with or without workers; merged lane positions of
+    all ranks resume on another split."""
+    S, total = 24, 6
+    src = [(data["a"], 2.0), (data["b"], 1.0)]              # mixing: every lane takes the same source
+    kw = dict(seed=3, shuffle_tokens=5000)
+    lane_rows = []                                           # the definition: one stream of batch 1 per lane
+    for lane in range(total):
+        it = iter(TokenStream(src, S, 1, rank=lane, world_size=total, **kw))
+        lane_rows.append([next(it)[0] for _ in range(7)])
+    want = [torch.cat([lane_rows[lane][n] for lane in range(total)]) for n in range(7)]
+
+    def global_batches(world, workers, n, states=None):
+        streams = [TokenStream(src, S, total // world, rank=r, world_size=world, num_workers=workers,
+                               lanes=True, **kw) for r in range(world)]
+        if states is not None:
+            for s in streams:
+                s.load_state_dict(states)
+        its = [iter(s) for s in streams]
+        got = [torch.cat([next(it)[0] for it in its]) for _ in range(n)]
+        merged = {}
+        for s in streams:
+            merged.update(s.state_dict())
+        return got, merged
+
+    one, _ = global_batches(1, 0, 7)
+    assert all(torch.equal(a, b) for a, b in zip(one, want))
+    split, states = global_batches(2, 2, 4)                  # 2 ranks of 3 rows, 2 workers each
+    assert all(torch.equal(a, b) for a, b in zip(split, want[:4]))
+    assert sorted(states) == list(range(total)) and {v["batches"] for v in states.values()} == {4}
+    rest, _ = global_batches(3, 0, 3, json.loads(json.dumps(states)))   # 3 ranks, keys as JSON strings
+    assert all(torch.equal(a, b) for a, b in zip(rest, want[4:]))
+
+    other = TokenStream(src, S, 4, rank=1, world_size=2, lanes=True, **kw)   # 8 lanes: not the same run
+    with pytest.raises(ValueError, match="no entry for lanes"):
+        other.load_state_dict({k: v for k, v in states.items() if k < 4})
+    with pytest.raises(ValueError, match="world_size changed"):
+        other.load_state_dict({**states, 6: states[0], 7: states[0]})

@@ -17,6 +17,7 @@ data). `model.compile=true` compiles the transformer's blocks too, so both run t
 runs out of GPU memory is reported as such and the other is still timed.
 """
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -30,14 +31,14 @@ import torch
 from rrwkv.pretrain.cli.common import run_main
 from rrwkv.pretrain.cli.train import parse_config
 from rrwkv.pretrain.config import model_config
-from rrwkv.pretrain.data.sources import prepare_data, train_batches
+from rrwkv.pretrain.data.sources import micro_batches, prepare_data, train_batches
 from rrwkv.pretrain.distributed import start
 from rrwkv.pretrain.errors import UserError
-from rrwkv.pretrain.parallelize import (apply_block_options, build_engine, build_model, compile_blocks,
-                                        data_parallel_size)
+from rrwkv.pretrain.parallelize import apply_block_options, build_engine, build_model, compile_blocks
 from rrwkv.pretrain.runfiles import memory_stats
 from rrwkv.pretrain.baseline import SDPATransformer
-from rrwkv.pretrain.engine import batch_layout, is_pipeline, train_step
+from rrwkv.pretrain.engine import is_pipeline, train_step
+from rrwkv.pretrain.plan import make_plan
 from rrwkv.pretrain.metrics import count_params, device_peak, flops_per_token
 from rrwkv.pretrain.profiling import profile_table
 
@@ -164,21 +165,21 @@ def run(argv):
     dist = start(cfg)
     mcfg = model_config(cfg)
     t_start = time.perf_counter()
-    model, dp_rank = build_model(cfg, dist)
+    plan = make_plan(cfg, dist.world_size, dist.rank, dist.device)
+    model = build_model(cfg, plan, dist)
     dist.say(f"benchmark: model built and initialized in {time.perf_counter() - t_start:.1f} s")
-    layout = batch_layout(cfg, data_parallel_size(cfg, dist), dp_rank)
-    T, M = cfg.data.seq_len, layout.micro_batch_size
-    gen = torch.Generator().manual_seed(cfg.run.seed + dp_rank)
+    T, M = cfg.data.seq_len, plan.micro_batch_size
+    gen = torch.Generator().manual_seed(cfg.run.seed + plan.dp_rank)
     if args.data == "config":
-        lanes = train_batches(cfg, prepare_data(cfg, dist), layout)
-        batches = lanes.next_step
+        steps = micro_batches(train_batches(cfg, prepare_data(cfg, dist), plan), M)
+        batches = functools.partial(next, steps)
     else:
         def batches():
-            ids = torch.randint(0, mcfg.vocab_size, (layout.grad_accum, M, T + 1), generator=gen)
+            ids = torch.randint(0, mcfg.vocab_size, (plan.grad_accum, M, T + 1), generator=gen)
             return [(b[:, :-1], b[:, 1:]) for b in ids]
     peak, peak_name = device_peak(dist.device, cfg.train.peak_tflops)
     matmul = measured_matmul_peak(dist.device)
-    step_tokens = layout.global_batch_size * T
+    step_tokens = plan.global_batch_size * T
     stages = cfg.parallel.pipeline_stages
     if args.also_compiled and (cfg.model.compile or cfg.parallel.zero_stage == 3):
         raise UserError("--also-compiled times each model eager and then compiled: give model.compile=false, "
@@ -226,7 +227,7 @@ def run(argv):
         if cfg.train.activation_checkpointing:   # the recomputed forward: 8N instead of 6N per token
             r["hfu"] = r["mfu"] * 8 / 6
         if busy is not None:
-            P, mb = stages, layout.grad_accum
+            P, mb = stages, plan.grad_accum
             stage = {"stage": engine.stage_id, "forward_s": ph["stage_forward"], "backward_s": ph["stage_backward"],
                      "step_s": ph["step"]}
             stage["idle_frac"] = 1 - (stage["forward_s"] + stage["backward_s"]) / stage["step_s"]
@@ -245,7 +246,7 @@ def run(argv):
         else:
             m, flops, params = make_sdpa(cfg, mcfg, T)
         t_engine = time.perf_counter()
-        engine = build_engine(m, cfg, layout, dist.device)
+        engine = build_engine(m, cfg, plan)
         dist.say(f"benchmark: {name}: engine built in {time.perf_counter() - t_engine:.1f} s")
         for variant in ([name, name + "_compiled"] if args.also_compiled else [name]):
             if variant.endswith("_compiled"):
@@ -276,7 +277,7 @@ def run(argv):
     header = {"device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "world_size": dist.world_size, "peak": peak_name,
               "measured_matmul_tflops": matmul / 1e12, "seq_len": T, "micro_batch": M,
-              "grad_accum": layout.grad_accum, "global_batch": layout.global_batch_size,
+              "grad_accum": plan.grad_accum, "global_batch": plan.global_batch_size,
               "precision": cfg.train.precision, "zero_stage": cfg.parallel.zero_stage, "pipeline_stages": stages,
               "offload": cfg.parallel.offload, "activation_checkpointing": cfg.train.activation_checkpointing,
               "compile": cfg.model.compile, "fused_adam": cfg.optim.fused_adam,

@@ -78,10 +78,20 @@ def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
 
 
 def train_batches(cfg: DictConfig, src: DataSources, layout):
-    """This data-parallel rank's lanes of every global batch (pretrain/lanes.py)."""
-    from ..lanes import LaneBatches
-    return LaneBatches(src.train, cfg.data.seq_len, layout.micro_batch_size, layout.grad_accum, layout.dp_rank,
-                       layout.data_parallel, seed=cfg.run.seed)
+    """This data-parallel rank's rows of every global batch: a TokenStream in lanes mode, G x M rows
+    a step, row i of rank r being lane r*G*M + i, so every step's global batch is the same whatever
+    the number of ranks (R), accumulation steps (G) and micro-batch size (M) are, and a checkpoint
+    (every lane's position) resumes on another number of ranks."""
+    from . import TokenStream
+    return TokenStream(src.train, cfg.data.seq_len, layout.micro_batch_size * layout.grad_accum,
+                       rank=layout.dp_rank, world_size=layout.data_parallel, num_workers=cfg.data.num_workers,
+                       seed=cfg.run.seed, lanes=True)
+
+
+def micro_batches(stream, micro_batch_size: int):
+    """Each step's grad_accum micro-batches [(input_ids, labels), ...], split from one batch of `stream`."""
+    for x, y in stream:
+        yield list(zip(x.split(micro_batch_size), y.split(micro_batch_size)))
 
 
 def valid_batches(cfg: DictConfig, src: DataSources, layout):

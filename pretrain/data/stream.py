@@ -25,6 +25,16 @@ order, token offset, shuffle buffer, its RNG key, mixing schedule) follows from 
 manifests, so resume is exact, with or without DataLoader workers (see `_WorkerPart`).
 state_dict() also lists each worker's derived cursor (shard, offset, buffer) for logs and checks.
 
+Lanes (lanes=True, what training reads): every row of a batch is its own lane, one contiguous
+stream through the corpus, so row i of batch n+1 continues row i of batch n. The corpus is cut into
+world_size * micro_batch_size lane parts exactly as above with batches of one window (rank r's row
+i reads part r * B + i), and the position is still one number, the batches yielded (one window of
+every lane each). The state is kept per lane, keyed by the global lane id, so the states of all
+ranks merge into one dict that resumes on any number of ranks whose lanes it covers: the trainer
+gives rank r the rows r*G*M ... (r+1)*G*M - 1 of each global batch (G accumulation steps of
+micro-batch M), so the global batch is the same whatever the data-parallel size and micro-batch
+split. DataLoader workers each read a contiguous group of the rows; the rank stacks them.
+
 Corrupt or truncated shards (and remote reads that fail) are reported as a CorruptShardWarning
 naming the shard and counted in stats(); the part goes on with the next shard of the epoch's
 order (wrapping around), so every rank still yields its full number of batches. With
@@ -204,13 +214,15 @@ class TokenStream:
     stream ends after that many epochs (of the first source to complete them, when mixing).
     shuffle_tokens: size of the document shuffle buffer in tokens (0: documents in shard order).
     on_corrupt: "skip" (warn, count in stats(), go on with the next shard) or "raise".
+    lanes: every row its own contiguous stream (see the module docstring); state_dict() is then a
+    dict of lane id -> that lane's position.
     """
 
     def __init__(self, source, seq_len: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  max_epochs: int | None = None, pin_memory: bool = False, *,
                  shuffle_tokens: int = DEFAULT_SHUFFLE_TOKENS, on_corrupt: str = "skip",
-                 prefetch_factor: int | None = None):
+                 prefetch_factor: int | None = None, lanes: bool = False):
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) "
                              f"must be positive")
@@ -227,8 +239,15 @@ class TokenStream:
         self.num_workers, self.seed, self.max_epochs = int(num_workers), int(seed), max_epochs
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.shuffle_tokens, self.on_corrupt = int(shuffle_tokens), on_corrupt
-        self.workers = max(1, self.num_workers)      # parts per rank
-        self.parts = self.world_size * self.workers
+        self.lanes = bool(lanes)
+        if self.lanes:    # a part per row (lane), batches of one window; workers read groups of rows
+            self.workers = max(1, min(self.num_workers, self.micro_batch_size))
+            self.part_batch = 1
+            self.parts = self.world_size * self.micro_batch_size
+        else:             # a part per worker, batches of B consecutive windows
+            self.workers = max(1, self.num_workers)
+            self.part_batch = self.micro_batch_size
+            self.parts = self.world_size * self.workers
         self.sources = [_Source(m if isinstance(m, Manifest) else load_manifest(m), w, i)
                         for i, (m, w) in enumerate(_parse_sources(source))]
         first = self.sources[0].manifest
@@ -237,7 +256,7 @@ class TokenStream:
                 raise DataError(f"{s.manifest.name} and {first.name} were made with different "
                                 f"tokenizers; mix only shard sets made with the same one")
         self.vocab_size, self.eos_id = first.vocab_size, first.eos_id
-        self.batches_per_part = [s.layout(self.seq_len, self.micro_batch_size, self.parts)
+        self.batches_per_part = [s.layout(self.seq_len, self.part_batch, self.parts)
                                  for s in self.sources]
         self._batches = 0  # batches this rank has yielded: the whole position state
         self._stats = {"corrupt_shards": 0, "corrupt_shard_files": [], "data_wait_s": 0.0,
@@ -249,20 +268,31 @@ class TokenStream:
         return self.micro_batch_size * self.seq_len
 
     @property
+    def _part_steps(self) -> int:
+        """Parts of this rank that take turns yielding its batches (1 in lanes mode: all at once)."""
+        return 1 if self.lanes else self.workers
+
+    @property
     def batches_per_epoch(self) -> int:
         """Batches per rank per epoch (of the first source, when mixing)."""
-        return self.batches_per_part[0] * self.workers
+        return self.batches_per_part[0] * self._part_steps
 
     @property
     def epoch(self) -> int:
         """The epoch (of the first source) the next batch comes from."""
-        counts = self._local_counts(self._batches // self.workers)
+        counts = self._local_counts(self._batches // self._part_steps)
         return counts[0] // self.batches_per_part[0]
+
+    @property
+    def lane_ids(self) -> list[int]:
+        """Lanes mode: the global lane of each row of this rank's batches."""
+        B = self.micro_batch_size
+        return list(range(self.rank * B, (self.rank + 1) * B)) if self.lanes else []
 
     def __len__(self) -> int:
         if self.max_epochs is None:
             raise TypeError("an endless TokenStream (max_epochs=None) has no length")
-        return self._local_limit() * self.workers
+        return self._local_limit() * self._part_steps
 
     # ---- metrics -----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -291,42 +321,60 @@ class TokenStream:
 
     # ---- state ---------------------------------------------------------------------------
     def _layout_key(self) -> dict:
-        return {"seq_len": self.seq_len, "micro_batch_size": self.micro_batch_size,
-                "world_size": self.world_size, "workers": self.workers, "seed": self.seed,
-                "shuffle_tokens": self.shuffle_tokens,
+        """What a saved position depends on. In lanes mode, that of one lane: the layout of a stream
+        of batch 1 with one rank per lane (how lanes were first written, so old positions load)."""
+        if self.lanes:
+            batch, world, workers = 1, self.parts, 1
+        else:
+            batch, world, workers = self.micro_batch_size, self.world_size, self.workers
+        return {"seq_len": self.seq_len, "micro_batch_size": batch, "world_size": world,
+                "workers": workers, "seed": self.seed, "shuffle_tokens": self.shuffle_tokens,
                 "sources": [[s.fingerprint, s.weight] for s in self.sources]}
+
+    def _part_cursor(self, part: int, done: int) -> list[dict]:
+        """Where `part` reads next, per source, after it yielded `done` batches (for logs and checks)."""
+        BS = self.part_batch * self.seq_len
+        counts = self._local_counts(done)
+        per_source = []
+        for k, src in enumerate(self.sources):
+            epoch, j = divmod(counts[k], self.batches_per_part[k])
+            offset = j * BS
+            begin = part * self.batches_per_part[k] * BS
+            order = src.order(self.seed, epoch)
+            ends = np.cumsum(src.packed[order])
+            at = int(np.searchsorted(ends, begin + offset, side="right"))
+            cur = {"source": k, "epoch": epoch, "part_offset": offset,
+                   "shard": src.manifest.shards[int(order[at])]["file"],
+                   "shard_offset": begin + offset - int(ends[at] - src.packed[order[at]])}
+            if self.shuffle_tokens:
+                cur["buffer"] = offset // self.shuffle_tokens
+                cur["rng_key"] = [self.seed, k, epoch, part, cur["buffer"], _SHUFFLE_KEY]
+            per_source.append(cur)
+        return per_source
 
     def _cursors(self) -> list[dict]:
         """Where each logical worker of this rank reads next, per source (derived, for logs)."""
-        W, BS = self.workers, self.tokens_per_batch
+        W = self.workers
         out = []
         for w in range(W):
             done = max(0, -(-(self._batches - w) // W))
-            counts = self._local_counts(done)
-            part = self.rank * W + w
-            per_source = []
-            for k, src in enumerate(self.sources):
-                epoch, j = divmod(counts[k], self.batches_per_part[k])
-                offset = j * BS
-                begin = part * self.batches_per_part[k] * BS
-                order = src.order(self.seed, epoch)
-                ends = np.cumsum(src.packed[order])
-                at = int(np.searchsorted(ends, begin + offset, side="right"))
-                cur = {"source": k, "epoch": epoch, "part_offset": offset,
-                       "shard": src.manifest.shards[int(order[at])]["file"],
-                       "shard_offset": begin + offset - int(ends[at] - src.packed[order[at]])}
-                if self.shuffle_tokens:
-                    cur["buffer"] = offset // self.shuffle_tokens
-                    cur["rng_key"] = [self.seed, k, epoch, part, cur["buffer"], _SHUFFLE_KEY]
-                per_source.append(cur)
-            out.append({"worker": w, "batches": done, "sources": per_source})
+            out.append({"worker": w, "batches": done, "sources": self._part_cursor(self.rank * W + w, done)})
         return out
 
+    def _lane_state(self, lane: int) -> dict:
+        return {"version": STATE_VERSION, "batches": self._batches, "epoch": self.epoch, "rank": lane,
+                "layout": self._layout_key(),
+                "cursors": [{"worker": 0, "batches": self._batches,
+                             "sources": self._part_cursor(lane, self._batches)}]}
+
     def state_dict(self) -> dict:
+        """The position. In lanes mode: {lane id: that lane's position} for this rank's lanes."""
+        if self.lanes:
+            return {lane: self._lane_state(lane) for lane in self.lane_ids}
         return {"version": STATE_VERSION, "batches": self._batches, "epoch": self.epoch,
                 "rank": self.rank, "layout": self._layout_key(), "cursors": self._cursors()}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def _check_state(self, sd: dict, cursors) -> int:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data stream state has version {sd.get('version')}, expected "
                              f"{STATE_VERSION}; it was saved by another version of the loader")
@@ -338,10 +386,38 @@ class TokenStream:
                 f"(saved {[sd['layout'].get(k) for k in diff]}, now {[mine[k] for k in diff]}); "
                 f"resume with the same data, seq_len, batch size, world size, workers, seed "
                 f"and shuffle buffer")
-        self._batches = int(sd["batches"])
-        if "cursors" in sd and sd["cursors"] != self._cursors():
+        if "cursors" in sd and sd["cursors"] != cursors(int(sd["batches"])):
             raise ValueError("the saved data position disagrees with the shard layout it should "
                              "follow from; the data changed since the checkpoint")
+        return int(sd["batches"])
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume at a saved position. In lanes mode `sd` maps lane ids (int or str) to positions
+        and may hold other ranks' lanes too (the merged states of every rank of a checkpoint)."""
+        if not self.lanes:
+            self._batches = self._check_state(sd, lambda n: self._with_batches(n, self._cursors))
+            return
+        missing = [lane for lane in self.lane_ids if lane not in sd and str(lane) not in sd]
+        if missing:
+            raise ValueError(f"the saved data position has no entry for lanes {missing[:4]}: it was "
+                             f"written with a different number of lanes (train.global_batch_size); "
+                             f"resume with the same global batch size")
+        done = set()
+        for lane in self.lane_ids:
+            one = sd[lane] if lane in sd else sd[str(lane)]
+            done.add(self._check_state(one, lambda n, lane=lane: [
+                {"worker": 0, "batches": n, "sources": self._part_cursor(lane, n)}]))
+        if len(done) != 1:
+            raise ValueError(f"the saved lanes are at different positions {sorted(done)[:4]}; the "
+                             f"checkpoint is inconsistent")
+        self._batches = done.pop()
+
+    def _with_batches(self, n: int, fn):
+        old, self._batches = self._batches, n
+        try:
+            return fn()
+        finally:
+            self._batches = old
 
     # ---- iteration -------------------------------------------------------------------------
     def _local_counts(self, local: int) -> list[int]:
@@ -373,13 +449,14 @@ class TokenStream:
                      events: list) -> Iterator[np.ndarray]:
         """Source k's tokens for `part` in `epoch`, from token `offset` of the part on."""
         src, nb = self.sources[k], self.batches_per_part[k]
-        begin = part * nb * self.tokens_per_batch
+        part_tokens = nb * self.part_batch * self.seq_len
+        begin = part * part_tokens
         K = self.shuffle_tokens
         if not K:
             yield from src.packed_from(self.seed, epoch, begin + offset, self.eos_id, events,
                                        self.on_corrupt)
             return
-        n = nb * self.tokens_per_batch + 1        # the part's tokens, incl. the last label
+        n = part_tokens + 1                       # the part's tokens, incl. the last label
         b = offset // K
         skip = offset - b * K
         chunks = src.packed_from(self.seed, epoch, begin + b * K, self.eos_id, events,
@@ -404,7 +481,7 @@ class TokenStream:
     def _iter_part(self, part: int, start: int):
         """(input_ids, labels, source, corrupt events) of one part (rank * W + worker), from
         its local batch index `start` on."""
-        B, S = self.micro_batch_size, self.seq_len
+        B, S = self.part_batch, self.seq_len
         limit = self._local_limit()
         counts = self._local_counts(start)
         sched = _schedule([s.weight for s in self.sources], self.seed, start)
@@ -425,15 +502,39 @@ class TokenStream:
             counts[k] += 1
             local += 1
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iter_lanes(self, rows: Sequence[int], start: int):
+        """Lanes mode: (input_ids, labels, source, events) of the given rows of this rank's batches,
+        one window of each row's lane per batch, from batch `start` on."""
+        parts = [self._iter_part(self.rank * self.micro_batch_size + i, start) for i in rows]
+        while True:
+            got = []
+            for it in parts:
+                try:
+                    got.append(next(it))
+                except StopIteration:
+                    return
+            yield _join(got)
+
+    def _row_groups(self) -> list[range]:
+        """Lanes mode: the rows each worker reads (contiguous groups, as even as possible)."""
+        B, W = self.micro_batch_size, self.workers
+        return [range(w * B // W, (w + 1) * B // W) for w in range(W)]
+
+    def _batches_from(self, start: int):
+        """(input_ids, labels, source, events) of this rank from its batch `start` on."""
         if self.num_workers == 0:
-            batches = self._iter_part(self.rank, self._batches)
-        else:
-            kw = {} if self.prefetch_factor is None else {"prefetch_factor": self.prefetch_factor}
-            batches = torch.utils.data.DataLoader(
-                _WorkerPart(self, self._batches), batch_size=None, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, persistent_workers=False, **kw)
-        it = iter(batches)
+            if self.lanes:
+                return self._iter_lanes(range(self.micro_batch_size), start)
+            return self._iter_part(self.rank, start)
+        kw = {} if self.prefetch_factor is None else {"prefetch_factor": self.prefetch_factor}
+        dataset = _WorkerLanes(self, start) if self.lanes else _WorkerPart(self, start)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.workers if self.lanes else self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=False, **kw)
+        return _stack_groups(iter(loader), self.workers) if self.lanes else iter(loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        it = self._batches_from(self._batches)
         while True:
             t0 = time.perf_counter()
             try:
@@ -466,3 +567,34 @@ class _WorkerPart(torch.utils.data.IterableDataset):
         logical = (physical + self.done) % W
         start = max(0, -(-(self.done - logical) // W))  # batches of this worker already consumed
         return self.stream._iter_part(self.stream.rank * W + logical, start)
+
+
+class _WorkerLanes(torch.utils.data.IterableDataset):
+    """Lanes mode: DataLoader worker i reads row group i of every batch (from batch `start` on); the
+    DataLoader hands out the workers' items round robin, so W consecutive items are one batch."""
+
+    def __init__(self, stream: TokenStream, start: int):
+        self.stream, self.start = stream, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rows = self.stream._row_groups()[info.id if info is not None else 0]
+        return self.stream._iter_lanes(rows, self.start)
+
+
+def _stack_groups(items: Iterator, groups: int):
+    """Join each `groups` consecutive (x, y, source, events) row groups into one batch."""
+    while True:
+        got = []
+        for _ in range(groups):
+            try:
+                got.append(next(items))
+            except StopIteration:
+                return
+        yield _join(got)
+
+
+def _join(got: list) -> tuple:
+    """Row groups (x, y, source, events) of one batch, stacked in order."""
+    return (torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got]), got[0][2],
+            tuple(e for g in got for e in g[3]))
