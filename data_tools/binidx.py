@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .manifest import MANIFEST, dtype_for_vocab
+from .manifest import MANIFEST, dtype_for_vocab, output_dir
 from .progress import Progress
 from .shards import DEFAULT_SHARD_TOKENS, TokenizeResult, WORK, _UnitShardWriter, _finish, commit_unit, run_units
 from .tokenizer import Tokenizer
@@ -104,8 +104,7 @@ def import_binidx(prefix: str | os.PathLike, tokenizer: str | os.PathLike,
     prefix = str(prefix).removesuffix(".bin").removesuffix(".idx")
     dtype, sizes, pointers, doc_idx = read_index(prefix)
     tok = Tokenizer(tokenizer, eos_token=eos_token)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(output)
     if (out / MANIFEST).exists():
         raise DataError(f"{out} already holds a finished shard set ({MANIFEST}); choose another "
                         f"--output")

@@ -96,7 +96,10 @@ def main(argv=None) -> int:
             from .inputs import read_documents
             from .tokenizer import train_sentencepiece
 
-            docs = read_documents(args.input, args.text_key)
+            if args.max_docs < 0 or args.sample_docs < 0:
+                raise DataError("--max-docs and --sample-docs take a count >= 0 (0: all documents)")
+            reports = {}
+            docs = read_documents(args.input, args.text_key, reports)
             if args.max_docs:
                 docs = islice(docs, args.max_docs)
             if args.sample_docs:
@@ -108,6 +111,9 @@ def main(argv=None) -> int:
                                        user_defined_symbols=args.special_tokens,
                                        record={"inputs": sorted(args.input), "max_docs": args.max_docs,
                                                "sample_docs": args.sample_docs, "seed": args.seed})
+            for r in reports.values():
+                if r.damaged:
+                    print(f"warning: {r.path}: {r.damaged}", file=sys.stderr)
             print(f"wrote {path} and {path.with_suffix('.json')}")
         elif args.command == "tokenize":
             from .shards import DEFAULT_SHARD_TOKENS, tokenize_files
@@ -167,7 +173,7 @@ def main(argv=None) -> int:
             from .inspect_shards import inspect_shards
 
             print(inspect_shards(args.dir, samples=args.samples))
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,12 +8,16 @@
 
 Paths inside are relative to the manifest's directory (the tokenizer is copied in beside the
 shards), so a shard directory can be moved or copied to another machine as a whole.
+
+A new shard set is made in a staging directory and only then moved into its output directory
+(install_shard_set), so a failed run leaves a finished set there as it was.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +131,10 @@ def _fail(path: Path, what: str) -> DataError:
     return DataError(f"manifest {path} is damaged: {what}; {REMAKE}")
 
 
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def load_manifest(source: str | os.PathLike, check_files: bool = True) -> Manifest:
     """Load and validate a manifest (a shard directory or its manifest.json).
 
@@ -148,8 +156,11 @@ def load_manifest(source: str | os.PathLike, check_files: bool = True) -> Manife
             raise _fail(where, f"field {key!r} is missing")
     tok = data["tokenizer"]
     if not isinstance(tok, dict) or not all(k in tok for k in ("path", "sha256", "vocab_size",
-                                                                "eos_id")):
-        raise _fail(where, "field 'tokenizer' needs path, sha256, vocab_size and eos_id")
+                                                                "eos_id")) or \
+            not isinstance(tok["path"], str) or not _count(tok["vocab_size"]) or \
+            not _count(tok["eos_id"]):
+        raise _fail(where, "field 'tokenizer' needs path, sha256, vocab_size and eos_id (the "
+                           "last two whole numbers)")
     if data["dtype"] not in DTYPES:
         raise _fail(where, f"dtype {data['dtype']!r} is not one of {DTYPES}")
     if not (0 <= tok["eos_id"] < tok["vocab_size"]):
@@ -157,8 +168,11 @@ def load_manifest(source: str | os.PathLike, check_files: bool = True) -> Manife
                           f"{tok['vocab_size']}")
     shards = data["shards"]
     if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and {"file", "docs", "tokens"} <= s.keys() for s in shards):
-        raise _fail(where, "every entry of 'shards' needs file, docs and tokens")
+            isinstance(s, dict) and {"file", "docs", "tokens"} <= s.keys() and
+            isinstance(s["file"], str) and _count(s["docs"]) and _count(s["tokens"])
+            for s in shards):
+        raise _fail(where, "every entry of 'shards' needs file, docs and tokens (the last two "
+                           "whole numbers)")
     if sum(s["docs"] for s in shards) != data["total_docs"] or \
             sum(s["tokens"] for s in shards) != data["total_tokens"]:
         raise _fail(where, "total_docs/total_tokens disagree with the shard entries")
@@ -190,6 +204,45 @@ def write_manifest(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """Make the output directory `path` (and its parents); DataError if that cannot be done."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(f"output {out} is an existing file or lies under one, not a directory; "
+                        f"choose another --output") from None
+    return out
+
+
+@contextmanager
+def keeping_old_set(out: Path, replacing: bool):
+    """While a replacement for the finished set in `out` is made: errors say that set was kept."""
+    try:
+        yield
+    except (DataError, FileNotFoundError) as e:
+        if not replacing:
+            raise
+        raise type(e)(f"{e} (the shard set already in {out} was kept as it was)") from None
+
+
+def install_shard_set(out: Path, staged: dict[str, Path], manifest: dict) -> None:
+    """Move a finished shard set into `out`. `staged`: final name -> finished file on the same
+    filesystem (shards, tokenizer). The old manifest goes first, then the old set's
+    shard-*.tar files the new one does not list; the new manifest is written last, so a
+    manifest.json in `out` only ever lists files that are there. A rerun after a kill in
+    between finds the files already moved in place."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    listed = {s["file"] for s in manifest["shards"]}
+    for old in out.glob("shard-*.tar"):
+        if old.name not in listed:
+            old.unlink()
+    for name, src in staged.items():
+        if src.exists():
+            os.replace(src, out / name)
+    write_manifest(out / MANIFEST, manifest)
 
 
 def check_tokenizer(manifest: Manifest | str | os.PathLike,

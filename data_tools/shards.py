@@ -3,9 +3,10 @@
 Each work unit (see inputs.py) is tokenized by one worker into its own shards, written under a
 temporary name in OUT/.work/ and renamed when complete, with a small result file written last;
 a rerun after a kill skips units whose result file exists. When all units are done their shards
-are renamed, in unit order, to OUT/shard-000000.tar, ... and manifest.json is written. Tar members
-carry fixed metadata (mtime 0, fixed owner and mode), so the same inputs and settings give
-byte-identical output whatever the number of workers.
+are renamed, in unit order, to OUT/shard-000000.tar, ... and manifest.json is written; a
+finished set already in OUT (--overwrite) is replaced only then, so a failed run leaves it as it
+was. Tar members carry fixed metadata (mtime 0, fixed owner and mode), so the same inputs and
+settings give byte-identical output whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .inputs import (FileReport, WorkUnit, expand_inputs, iter_unit_documents, merge_reports,
-                     plan_units, unit_input_bytes, SKIP_REASONS)
+from .inputs import (FileReport, WorkUnit, check_text_key, expand_inputs, iter_unit_documents,
+                     merge_reports, plan_units, unit_input_bytes, SKIP_REASONS)
 from .progress import Progress
-from .manifest import FORMAT, MANIFEST, dtype_for_vocab, write_manifest
+from .manifest import (FORMAT, MANIFEST, dtype_for_vocab, install_shard_set, keeping_old_set,
+                       output_dir)
 from .tokenizer import Tokenizer
 
 DEFAULT_SHARD_TOKENS = 1 << 26   # ~128 MiB of uint16 per shard
@@ -218,11 +220,13 @@ class TokenizeResult:
             lines.append("skipped: " + ", ".join(
                 f"{n:,} {SKIP_REASONS[r].format(key=key)}" for r, n in sorted(skipped.items())))
             for r in self.reports:
-                if r.skipped:
+                if r.skipped or r.damaged:
                     lines.append(f"  {r.path}: read {r.docs_read:,}, written {r.docs_written:,}, "
                                  f"skipped {sum(r.skipped.values()):,}")
                     lines += [f"    {r.path}:{line}: {why}" if line else f"    {r.path}: {why}"
                               for line, why in r.examples]
+                    if r.damaged:
+                        lines.append(f"    {r.path}: {r.damaged}")
         return "\n".join(lines)
 
 
@@ -243,16 +247,13 @@ def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLi
     t0 = time.perf_counter()
     files = expand_inputs(inputs)
     tok = Tokenizer(tokenizer, eos_token=eos_token)  # validates in the parent, once
-    if shard_tokens < 1 or (max_doc_tokens is not None and max_doc_tokens < 1):
-        raise DataError("--shard-tokens and --max-doc-tokens must be positive")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise DataError(f"{out} already holds a finished shard set ({MANIFEST}); choose another "
-                            f"--output or pass --overwrite")
-        for p in list(out.glob("shard-*.tar")) + [out / MANIFEST]:
-            p.unlink()
+    if shard_tokens < 1 or unit_bytes < 1 or (max_doc_tokens is not None and max_doc_tokens < 1):
+        raise DataError("--shard-tokens, --max-doc-tokens and --unit-mb must be positive")
+    out = output_dir(output)
+    replacing = (out / MANIFEST).exists()
+    if replacing and not overwrite:
+        raise DataError(f"{out} already holds a finished shard set ({MANIFEST}); choose another "
+                        f"--output or pass --overwrite")
     settings = Settings(str(tok.path.resolve()), text_key, shard_tokens, max_doc_tokens,
                         strict, eos_token)
     units = plan_units(files, unit_bytes)
@@ -275,33 +276,36 @@ def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLi
     sizes = {u.index: unit_input_bytes(u) for u in units}
     bar = Progress("tokenize", sum(sizes.values()), len(units), enabled=progress,
                    log_every=log_every)
-    results = run_units(run_unit, jobs, workers, bar, sizes)
-    bar.close()
-    results.sort(key=lambda r: r["unit"])
-
+    with keeping_old_set(out, replacing):  # the new set is made in `work` until it is complete
+        results = run_units(run_unit, jobs, workers, bar, sizes)
+        bar.close()
+        results.sort(key=lambda r: r["unit"])
+        reports = merge_reports([[FileReport.from_json(d) for d in r["reports"]] for r in results])
+        for r in reports:
+            check_text_key(r, text_key)
     manifest = _finish(out, work, tok, results)
-    reports = merge_reports([[FileReport.from_json(d) for d in r["reports"]] for r in results])
     shutil.rmtree(work)
     return TokenizeResult(out / MANIFEST, manifest, reports, time.perf_counter() - t0)
 
 
 def _finish(out: Path, work: Path, tok: Tokenizer, results: list[dict]) -> dict:
-    """Rename unit shards to their final names, copy the tokenizer in, write manifest.json."""
-    shards, skipped = [], {}
+    """Install the finished units' shards in OUT (in unit order, as shard-000000.tar, ...) with
+    a copy of the tokenizer and manifest.json, replacing any set there."""
+    shards, skipped, staged = [], {}, {}
     for r in results:
         for s in r["shards"]:
             final = f"shard-{len(shards):06d}.tar"
-            if (work / s["file"]).exists():
-                os.replace(work / s["file"], out / final)
+            staged[final] = work / s["file"]
             shards.append({"file": final, "docs": s["docs"], "tokens": s["tokens"],
                            "sha256": s["sha256"]})
         for rep in r["reports"]:
             for reason, n in rep["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
+            if rep.get("damaged"):
+                skipped["damaged"] = skipped.get("damaged", 0) + 1
     tok_name = "tokenizer.json" if tok.kind == "hf" else "tokenizer.model"
-    if not (out / tok_name).exists() or (out / tok_name).read_bytes() != tok.path.read_bytes():
-        shutil.copyfile(tok.path, out / (tok_name + ".tmp"))
-        os.replace(out / (tok_name + ".tmp"), out / tok_name)
+    shutil.copyfile(tok.path, work / tok_name)
+    staged[tok_name] = work / tok_name
     manifest = {
         "format": FORMAT,
         "tokenizer": {"path": tok_name, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
@@ -313,5 +317,5 @@ def _finish(out: Path, work: Path, tok: Tokenizer, results: list[dict]) -> dict:
         "documents": sum(r["docs"] for r in results),
         "skipped": dict(sorted(skipped.items())),
     }
-    write_manifest(out / MANIFEST, manifest)
+    install_shard_set(out, staged, manifest)
     return manifest

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError
+from .manifest import output_dir
 
 SPACE_MARK = "\u2581"
 # Text longer than this is cut into line groups for tokenizer training; sentencepiece's trainer
@@ -43,6 +44,9 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike, eos_token: str | None = None):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise DataError(f"tokenizer {self.path} is a directory; pass the sentencepiece .model "
+                            f"or Hugging Face tokenizer.json file in it")
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"tokenizer {self.path} not found: pass a sentencepiece .model (make one with "
@@ -182,7 +186,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, output_prefix
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone takes 259 "
                         f"ids; use at least 260 (e.g. 2048 or 32000)")
     prefix = Path(output_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    output_dir(prefix.parent)
     settings = dict(
         model_type=model_type, vocab_size=vocab_size, byte_fallback=True,
         normalization_rule_name="identity", add_dummy_prefix=False,

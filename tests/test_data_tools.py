@@ -143,8 +143,8 @@ def test_deterministic_across_runs_and_workers(corpus, tokenizer, tmp_path):
     # Small work units so that two workers really split the input.
     kw = dict(shard_tokens=2000, unit_bytes=20_000, progress=False)
     a = tokenize_files([corpus], tokenizer, tmp_path / "a", workers=1, **kw)
-    b = tokenize_files([corpus], tokenizer, tmp_path / "b", workers=2, **kw)
-    c = tokenize_files([corpus], tokenizer, tmp_path / "c", workers=1, **kw)
+    tokenize_files([corpus], tokenizer, tmp_path / "b", workers=2, **kw)
+    tokenize_files([corpus], tokenizer, tmp_path / "c", workers=1, **kw)
     assert len(a.manifest["shards"]) >= 4
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b") == _tree(tmp_path / "c")
     # The CLI with --workers 2 as well; unit size differs, so only the documents must match.
@@ -217,7 +217,7 @@ def test_user_errors_are_one_line(corpus, tokenizer, tmp_path):
 def test_hf_tokenizer_json_needs_tokenizers_or_works(corpus, tmp_path):
     path = tmp_path / "tokenizer.json"
     try:
-        from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+        from tokenizers import Tokenizer, models
     except ImportError:
         path.write_text("{}")
         r = _run_cli("tokenize", "--input", corpus, "--tokenizer", path, "--output", tmp_path / "o")
