@@ -21,8 +21,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .export import CONFIG, TOKENIZER_NAMES, WEIGHTS, find_tokenizer, load_config, save_model_dir
+from .export import CONFIG, TOKENIZER_NAMES, find_tokenizer, load_config, save_model_dir
 from .errors import UserError
+from .weights import load_tensors, read_weights, save_tensors
 
 HF_RENAMES = [  # (ours, Hugging Face's), applied to name parts in order
     ("emb.", "embeddings."), ("ln0.", "pre_ln."), ("att.", "attention."), ("ffn.", "feed_forward."),
@@ -53,8 +54,8 @@ def our_name(name: str) -> str:
 
 def rwkv4_config(state: Dict[str, torch.Tensor], ctx_len: int, source: Path) -> dict:
     """RRWKVConfig fields (interval 0) of an RWKV-4 state dict in our names."""
-    if "emb.weight" not in state or "head.weight" not in state:
-        raise UserError(f"{source} is not an RWKV-4 model: it has no emb.weight / head.weight "
+    if not {"emb.weight", "head.weight", "blocks.0.ffn.key.weight"} <= set(state):
+        raise UserError(f"{source} is not an RWKV-4 model: it has no emb.weight / head.weight / blocks.0 "
                         f"(RWKV-5/6/7 and other layouts are not supported)")
     vocab, C = state["emb.weight"].shape
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
@@ -104,6 +105,8 @@ def from_rwkv4_pth(path: Path, output: Path, tokenizer: Optional[str] = None, ct
         raise UserError(f"--input {path} could not be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"--input {path} holds a {type(state).__name__}, not a state dict; pass an RWKV-4 .pth")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     config = rwkv4_config(state, ctx_len, path)
     _check_rwkv4_names(state, config, path)
@@ -113,22 +116,36 @@ def from_rwkv4_pth(path: Path, output: Path, tokenizer: Optional[str] = None, ct
 
 
 def _read_hf_weights(hf_dir: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     files = []
     if (hf_dir / "model.safetensors").is_file():
         files = [hf_dir / "model.safetensors"]
     elif (hf_dir / "model.safetensors.index.json").is_file():
-        index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
-        files = [hf_dir / f for f in sorted(set(index["weight_map"].values()))]
+        index = _read_json(hf_dir / "model.safetensors.index.json")
+        files = [hf_dir / f for f in sorted(set(index.get("weight_map", {}).values()))]
     elif (hf_dir / "pytorch_model.bin").is_file():
-        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # pickles with code, truncated files
+            raise UserError(f"{hf_dir / 'pytorch_model.bin'} could not be read as a PyTorch state dict "
+                            f"({type(e).__name__}: {e})") from None
     if not files:
         raise UserError(f"--input {hf_dir}: no model.safetensors (or index, or pytorch_model.bin) there; "
                         f"pass a directory written by RwkvForCausalLM.save_pretrained")
     state: Dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(load_tensors(f))
     return state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not JSON ({e}); pass a directory written by RwkvForCausalLM.save_pretrained") \
+            from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds no JSON object; pass a directory written by RwkvForCausalLM.save_pretrained")
+    return data
 
 
 def from_hf_rwkv(hf_dir: Path, output: Path, tokenizer: Optional[str] = None, dtype: str = "fp32") -> dict:
@@ -138,10 +155,10 @@ def from_hf_rwkv(hf_dir: Path, output: Path, tokenizer: Optional[str] = None, dt
     if not cfg_file.is_file():
         raise UserError(f"--input {hf_dir}: no config.json there; pass a directory written by "
                         f"RwkvForCausalLM.save_pretrained")
-    hf = json.loads(cfg_file.read_text())
+    hf = _read_json(cfg_file)
     if hf.get("model_type") != "rwkv":
         raise UserError(f"{cfg_file} has model_type {hf.get('model_type')!r}; only RWKV-4 ('rwkv') converts")
-    C = hf["hidden_size"]
+    C = hf.get("hidden_size")
     if hf.get("attention_hidden_size") not in (None, C):
         raise UserError(f"{cfg_file}: attention_hidden_size {hf['attention_hidden_size']} differs from hidden_size "
                         f"{C}; RRWKV's time-mix is C x C")
@@ -161,8 +178,6 @@ def from_hf_rwkv(hf_dir: Path, output: Path, tokenizer: Optional[str] = None, dt
 
 def to_hf_rwkv(model_dir: Path, output: Path, dtype: str = "fp32") -> dict:
     """An interval-0 MODEL_DIR -> a directory RwkvForCausalLM.from_pretrained reads (config, safetensors, tokenizer)."""
-    from safetensors.torch import load_file, save_file
-
     from .export import DTYPES
     model_dir = Path(model_dir)
     cfg = load_config(model_dir, flag="--input")
@@ -172,11 +187,13 @@ def to_hf_rwkv(model_dir: Path, output: Path, dtype: str = "fp32") -> dict:
     tok_path = find_tokenizer(model_dir)
     from rrwkv.data_tools.tokenizer import load_tokenizer
     eos = load_tokenizer(tok_path).eos_id
-    state = load_file(str(model_dir / WEIGHTS))
+    state = read_weights(cfg, model_dir)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory to write the Hugging Face model into")
     output.mkdir(parents=True, exist_ok=True)
-    save_file({hf_name(k): v.to(DTYPES[dtype]).contiguous() for k, v in state.items()},
-              str(output / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors({hf_name(k): v.to(DTYPES[dtype]).contiguous() for k, v in state.items()},
+                 output / "model.safetensors", {"format": "pt"})
     hf = {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": cfg.vocab_size,
           "context_length": cfg.ctx_len, "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
           "attention_hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_mult * cfg.n_embd,

@@ -1,7 +1,8 @@
 """Training checkpoints to MODEL_DIRs, and MODEL_DIRs back to models.
 
 A MODEL_DIR (interfaces.md, "After training") holds `model.safetensors`, `config.json` (the
-RRWKVConfig fields) and the tokenizer (`tokenizer.model` or `tokenizer.json`).
+RRWKVConfig fields) and the tokenizer (`tokenizer.model` or `tokenizer.json`), whose sha256 the
+safetensors metadata records (`tokenizer_sha256`; loading checks it).
 
 Checkpoint layouts, told apart by their files in OUT_DIR/checkpoints/step<N>:
 - ZeRO 1/2/3 (`*_optim_states.pt`): the fp32 master weights, gathered from every rank's partition
@@ -23,7 +24,7 @@ import torch
 
 from .checkpoint import TAG_RE
 from .errors import UserError
-from .weights import load_weights
+from .weights import expected_shapes, load_weights, save_tensors, shape_mismatch, tensors_metadata
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")
@@ -40,17 +41,21 @@ def find_tag_dir(checkpoint: Path, tag: Optional[str] = None) -> Path:
                         f"(the run.out_dir it was trained with)")
     if TAG_RE.match(checkpoint.name) and checkpoint.is_dir() and tag is None:
         return checkpoint
+    if not checkpoint.is_dir():
+        raise UserError(f"--checkpoint {checkpoint} is a file; pass a training run's OUT_DIR")
     ckpt_dir = checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
     if tag is None:
         latest = ckpt_dir / "latest"
         if not latest.is_file():
             raise UserError(f"--checkpoint {checkpoint}: no checkpoint found (expected {ckpt_dir / 'latest'}); "
                             f"pass a training run's OUT_DIR after it has saved a checkpoint")
-        tag = latest.read_text().strip()
+        tag = latest.read_bytes().decode(errors="replace").strip()
+        if not TAG_RE.match(tag):
+            raise UserError(f"{latest} names {tag[:40]!r}, not a step<N> checkpoint (it is damaged); "
+                            f"pick one with --tag (tags present: {tags or 'none'})")
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
-        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)) \
-            if ckpt_dir.is_dir() else []
         raise UserError(f"checkpoint {tag_dir} not found; tags present: {tags or 'none'}")
     return tag_dir
 
@@ -114,7 +119,11 @@ def checkpoint_state_dict(tag_dir: Path) -> Dict[str, torch.Tensor]:
         return {k: v.float() for k, v in sd.items()}
     single = tag_dir / "mp_rank_00_model_states.pt"
     if single.is_file():
-        return {k: v.float() for k, v in _torch_load(single)["module"].items()}
+        saved = _torch_load(single)
+        if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
+            raise UserError(f"checkpoint file {single} holds no `module` state dict; it is not a DeepSpeed "
+                            f"checkpoint: export another tag with --tag step<N>")
+        return {k: v.float() for k, v in saved["module"].items()}
     raise UserError(f"checkpoint {tag_dir} holds no DeepSpeed model files (*_model_states.pt); "
                     f"pass a training run's OUT_DIR or one of its checkpoints/step<N> directories")
 
@@ -162,30 +171,34 @@ def run_tokenizer(out_dir: Path) -> Path:
 
 def save_model_dir(state: Dict[str, torch.Tensor], config: dict, tokenizer: Optional[Path], output: Path,
                    dtype: str = "fp32", metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write model.safetensors (in `dtype`), config.json and the tokenizer file to `output`."""
-    from safetensors.torch import save_file
+    """Write model.safetensors (in `dtype`), config.json and the tokenizer file to `output`.
 
-    from .model import RRWKV, RRWKVConfig
+    The safetensors metadata records the tokenizer's sha256, so a MODEL_DIR's tokenizer can be checked.
+    """
+    from rrwkv.data_tools.tokenizer import file_sha256
+
+    from .model import RRWKVConfig
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     cfg = RRWKVConfig.from_dict(dict(config))
-    expected = {k: tuple(v.shape) for k, v in RRWKV(cfg).state_dict().items()}   # names and shapes of this config
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        raise UserError(f"the weights do not fit model {cfg.to_dict()}: missing {missing[:5]}, unexpected "
-                        f"{extra[:5]}, wrong shape {wrong[:5]}")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
-    save_file(tensors, str(output / WEIGHTS), metadata={"format": "pt", **(metadata or {})})
-    (output / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    wrong = shape_mismatch(expected_shapes(cfg), {k: tuple(v.shape) for k, v in state.items()})
+    if wrong:
+        raise UserError(f"the weights do not fit model {cfg.to_dict()}: {wrong}")
+    metadata = {"format": "pt", **(metadata or {})}
     if tokenizer is not None:
         tokenizer = Path(tokenizer)
         if not tokenizer.is_file():
             raise UserError(f"tokenizer {tokenizer} not found; pass --tokenizer PATH (a sentencepiece .model "
                             f"or a Hugging Face tokenizer.json)")
+        metadata["tokenizer_sha256"] = file_sha256(tokenizer)
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory to write the MODEL_DIR into")
+    output.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
+    save_tensors(tensors, output / WEIGHTS, metadata)
+    (output / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if tokenizer is not None:
         name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
         for other in TOKENIZER_NAMES:       # one tokenizer per MODEL_DIR
             if other != name and (output / other).exists():
@@ -248,8 +261,19 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", dtype: torch
 
 
 def load_tokenizer(model_dir: Path):
+    """The tokenizer of a MODEL_DIR, checked to be the one exported with the model (or at least to fit it)."""
     from rrwkv.data_tools.tokenizer import load_tokenizer as load
-    return load(find_tokenizer(model_dir))
+    model_dir = Path(model_dir)
+    tok = load(find_tokenizer(model_dir))
+    vocab = load_config(model_dir).vocab_size
+    recorded = tensors_metadata(model_dir / WEIGHTS).get("tokenizer_sha256")
+    if recorded and recorded != tok.sha256:
+        raise UserError(f"{tok.path} is not the tokenizer the model was exported with (its sha256 {tok.sha256[:12]}, "
+                        f"{model_dir / WEIGHTS} records {recorded[:12]}); put that tokenizer back there")
+    if tok.vocab_size > vocab:
+        raise UserError(f"{tok.path} has {tok.vocab_size} tokens but the model only {vocab} ({model_dir / CONFIG} "
+                        f"vocab_size): it is not the tokenizer the model was trained with; put that one back there")
+    return tok
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -10,6 +10,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import UserError
 
 @dataclass
 class Sampling:
@@ -114,9 +115,16 @@ class TextStream:
 def pick_device(name: Optional[str]) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices are visible "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def default_dtype(device: torch.device) -> Tuple[torch.dtype, str]:

@@ -4,23 +4,22 @@
     python launch/convert.py --from rwkv4-pth --input FILE.pth --output MODEL_DIR [--tokenizer 20B_tokenizer.json]
     python launch/convert.py --to hf-rwkv --input MODEL_DIR --output HF_DIR
 """
-import argparse
 import sys
 from pathlib import Path
 
 
-from rrwkv.pretrain.cli.common import run_main
+from rrwkv.pretrain.cli.common import ArgumentParser, number, run_main
 from rrwkv.pretrain.convert import convert, describe
 
 
 def run(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--from", dest="frm", choices=["hf-rwkv", "rwkv4-pth"], default=None)
     p.add_argument("--to", choices=["hf-rwkv"], default=None)
     p.add_argument("--input", required=True, help="HF_DIR, FILE.pth, or (with --to) a MODEL_DIR")
     p.add_argument("--output", required=True)
     p.add_argument("--tokenizer", default=None, help="tokenizer file when none lies beside the input")
-    p.add_argument("--ctx-len", type=int, default=1024, help="ctx_len to record for a .pth (it does not store one)")
+    p.add_argument("--ctx-len", type=number(int, 1), default=1024, help="ctx_len to record for a .pth (it does not store one)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = p.parse_args(argv)
     config = convert((args.frm, args.to), Path(args.input), Path(args.output), args.tokenizer, args.ctx_len,

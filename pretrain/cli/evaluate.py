@@ -6,7 +6,7 @@ directory, and synthetic long-range tasks (passkey retrieval, associative recall
         [--passkey-distances 64,256,1024,4096 --recall-distances ... --task-samples N --task-seed S | --no-tasks]
         [--lm-eval-tasks lambada_openai,hellaswag --lm-eval-limit N]
 """
-import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -14,14 +14,15 @@ from pathlib import Path
 
 
 from rrwkv.pretrain import evaluation as ev
-from rrwkv.pretrain.cli.common import run_main
+from rrwkv.pretrain.cli.common import ArgumentParser, number, output_file, run_main
 from rrwkv.pretrain import tasks
+from rrwkv.pretrain.errors import UserError
 from rrwkv.pretrain.export import find_tokenizer, load_model, load_tokenizer, parse_dtype
 from rrwkv.pretrain.generation import default_dtype, pick_device
 
 
 def run(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="MODEL_DIR (launch/export.py or launch/convert.py)")
     p.add_argument("--data", required=True,
                    help="shard directory (rrwkv-data tokenize) of held-out text, or `builtin`: the validation "
@@ -29,22 +30,31 @@ def run(argv):
     p.add_argument("--cache-dir", default=None, help="with --data builtin: the built-in corpus cache (data.cache_dir; "
                                                      "default $RRWKV_CACHE_DIR or ~/.cache/rrwkv)")
     p.add_argument("--report", required=True, help="JSON file to write")
-    p.add_argument("--max-docs", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after documents holding this many tokens")
+    p.add_argument("--max-docs", type=number(int, 1), default=None)
+    p.add_argument("--max-tokens", type=number(int, 1), default=None,
+                   help="stop after documents holding this many tokens")
     p.add_argument("--buckets", default=None, help="position bucket edges (default 0,256,1024,4096,... to the longest)")
-    p.add_argument("--chunk-len", type=int, default=None, help="positions per forward call, state carried (default ctx_len)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chunk-len", type=number(int, 1), default=None,
+                   help="positions per forward call, state carried (default ctx_len)")
+    p.add_argument("--batch-size", type=number(int, 1), default=8)
     p.add_argument("--passkey-distances", default="64,256,1024,4096")
     p.add_argument("--recall-distances", default="64,256,1024,4096")
-    p.add_argument("--recall-pairs", type=int, default=8)
-    p.add_argument("--task-samples", type=int, default=20, help="sequences per distance and task")
-    p.add_argument("--task-seed", type=int, default=0)
+    p.add_argument("--recall-pairs", type=number(int, 1), default=8)
+    p.add_argument("--task-samples", type=number(int, 1), default=20, help="sequences per distance and task")
+    p.add_argument("--task-seed", type=number(int, 0), default=0)
     p.add_argument("--no-tasks", action="store_true", help="skip the synthetic tasks")
     p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm_eval task names (needs lm-eval)")
-    p.add_argument("--lm-eval-limit", type=int, default=None)
+    p.add_argument("--lm-eval-limit", type=number(int, 1), default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp64 (default: bf16 on GPUs, fp32 on CPUs)")
     args = p.parse_args(argv)
+    # Everything that can be wrong with the arguments is found before the evaluation, not after it.
+    report_file = output_file(args.report, "--report")
+    edges = ev.edges_from_arg(args.buckets)
+    passkey = ev.parse_int_list(args.passkey_distances, "--passkey-distances")
+    recall = ev.parse_int_list(args.recall_distances, "--recall-distances")
+    if args.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval")
 
     model_dir = Path(args.model)
     device = pick_device(args.device)
@@ -57,7 +67,10 @@ def run(argv):
         args.data = str(prepare_builtin_corpus(args.cache_dir, vocab_size=model.cfg.vocab_size,
                                                say=lambda text: print(text, flush=True)).valid.parent)
     ev.check_data_tokenizer(args.data, find_tokenizer(model_dir), model.cfg.vocab_size)
-    edges = ev.edges_from_arg(args.buckets)
+    seed, n = args.task_seed, args.task_samples
+    task_sets = {} if args.no_tasks else {
+        "passkey": tasks.passkey_sequences(tok, passkey, n, seed),
+        "associative_recall": tasks.recall_sequences(tok, recall, n, args.recall_pairs, seed)}
 
     t0 = time.perf_counter()
     docs = list(ev.iter_documents(args.data, args.max_docs, args.max_tokens))
@@ -71,24 +84,18 @@ def run(argv):
     for row in report["loss_by_position"]:
         print(f"  positions {row['bucket']:>9}: loss {row['loss']:.4f} ({row['documents']} documents)", flush=True)
 
-    if not args.no_tasks:
-        seed, n = args.task_seed, args.task_samples
-        kinds = {"passkey": lambda: tasks.passkey_sequences(
-                     tok, ev.parse_int_list(args.passkey_distances, "--passkey-distances"), n, seed),
-                 "associative_recall": lambda: tasks.recall_sequences(
-                     tok, ev.parse_int_list(args.recall_distances, "--recall-distances"), n, args.recall_pairs, seed)}
+    if task_sets:
         report["tasks"] = {"seed": seed, "samples_per_distance": n}
-        for name, make in kinds.items():
-            rows = tasks.score_tasks(model, make(), chunk, args.batch_size)
-            report["tasks"][name] = rows
-            print(f"{name}: " + ", ".join(f"d={r['distance']} acc {r['accuracy']:.2f}" for r in rows), flush=True)
+    for name, sequences in task_sets.items():
+        rows = tasks.score_tasks(model, sequences, chunk, args.batch_size)
+        report["tasks"][name] = rows
+        print(f"{name}: " + ", ".join(f"d={r['distance']} acc {r['accuracy']:.2f}" for r in rows), flush=True)
 
     if args.lm_eval_tasks:
         from rrwkv.pretrain.lm_eval_adapter import run_lm_eval
         report["lm_eval"] = run_lm_eval(model_dir, args.lm_eval_tasks.split(","), args.device, args.dtype,
                                         args.batch_size, args.lm_eval_limit)
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    report_file.write_text(json.dumps(report, indent=2) + "\n")
     print(f"report written to {args.report}")
 
 

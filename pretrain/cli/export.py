@@ -2,17 +2,16 @@
 
     python launch/export.py --checkpoint OUT_DIR --output MODEL_DIR [--dtype bf16|fp32] [--tag stepN]
 """
-import argparse
 import sys
 from pathlib import Path
 
 
-from rrwkv.pretrain.cli.common import run_main
+from rrwkv.pretrain.cli.common import ArgumentParser, run_main
 from rrwkv.pretrain.export import export_checkpoint
 
 
 def run(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="the training run's OUT_DIR (or OUT_DIR/checkpoints/stepN)")
     p.add_argument("--output", required=True, help="the MODEL_DIR to write")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype (fp32: exact)")

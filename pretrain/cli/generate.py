@@ -3,26 +3,25 @@
     python launch/generate.py --model MODEL_DIR --prompt TEXT --max-new-tokens N
         [--temperature 1.0 --top-k 0 --top-p 1.0 --seed S --device cpu|cuda --dtype fp32|bf16]
 """
-import argparse
 import sys
 import time
 from pathlib import Path
 
 
-from rrwkv.pretrain.cli.common import run_main
+from rrwkv.pretrain.cli.common import ArgumentParser, number, run_main
 from rrwkv.pretrain.export import load_model, load_tokenizer, parse_dtype
 from rrwkv.pretrain.generation import Sampling, TextStream, default_dtype, generate, pick_device
 
 
 def run(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="MODEL_DIR (launch/export.py or launch/convert.py)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same device: same text")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=200)
+    p.add_argument("--temperature", type=number(float, 0), default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=number(int, 0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=number(float, 0, 1, open_low=True), default=1.0, help="1 = off")
+    p.add_argument("--seed", type=number(int, 0, 2 ** 64 - 1), default=None, help="same seed, same device: same text")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 | fp64 (default: bf16 on GPUs, fp32 on CPUs)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-document token")
