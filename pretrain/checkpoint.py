@@ -13,16 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
+from .weights import new_file_mode
 
 TAG_RE = re.compile(r"^step(\d+)$")
 SIDECAR = "rrwkv.json"  # our metadata of a tag; written last, so a tag without it is incomplete
@@ -52,22 +56,60 @@ def gather_objects(obj: Any) -> List[Any]:
     return out
 
 
-def find_resume_dir(out_dir: Path, resume: str) -> Optional[Path]:
-    """The checkpoint directory to resume from, or None for a fresh start."""
+def complete_tags(ckpt_dir: Path) -> List[Path]:
+    """The complete step<N> directories (with SIDECAR) of ckpt_dir, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))]
+    return [p for _, p in sorted(tags) if (p / SIDECAR).is_file()]
+
+
+def _resume_point(ckpt: Path, say: Callable[[str], None]) -> Optional[Path]:
+    """ckpt when its `latest` names a complete checkpoint; else the newest complete step<N>, or None
+    where there is no step<N> at all. A run never starts over where checkpoints exist."""
+    latest, named = ckpt / "latest", None
+    if latest.is_file():
+        try:
+            named = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+        if named and TAG_RE.match(named) and (ckpt / named / SIDECAR).is_file():
+            return ckpt
+    tags = complete_tags(ckpt)
+    if tags:
+        why = f"{latest} names {named!r}, not a complete checkpoint" if latest.exists() else f"{latest} is missing"
+        say(f"warning: {why}; resuming from the newest complete checkpoint, {tags[-1]}")
+        return tags[-1]
+    found = sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else []
+    if any(TAG_RE.match(n) for n in found):
+        raise UserError(f"{ckpt} holds {', '.join(found)} but no complete checkpoint (a step<N> with {SIDECAR}); "
+                        f"move those aside to start over in this run.out_dir, or choose another one")
+    return None
+
+
+def find_resume_dir(out_dir: Path, resume: str, say: Callable[[str], None] = print) -> Optional[Path]:
+    """The checkpoint directory (OUT_DIR/checkpoints, or a step<N> in it) to resume from, or None
+    for a fresh start."""
     ckpt = out_dir / "checkpoints"
     if resume == "none":
-        if (ckpt / "latest").exists():
+        if (ckpt / "latest").exists() or complete_tags(ckpt):
             raise FileExistsError(f"{ckpt} already holds checkpoints and run.resume=none; choose another "
                                   f"run.out_dir, or set run.resume=auto to continue that run")
         return None
     if resume == "auto":
-        return ckpt if (ckpt / "latest").exists() else None
+        return _resume_point(ckpt, say)
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"run.resume={resume}: no such checkpoint directory")
-    if (path / "checkpoints" / "latest").exists():
-        return path / "checkpoints"
-    return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if TAG_RE.match(path.name):
+        return path
+    point = _resume_point(path, say)
+    if point is None:
+        raise UserError(f"run.resume={resume}: no checkpoint in {path}; point it at OUT_DIR, OUT_DIR/checkpoints "
+                        f"or OUT_DIR/checkpoints/step<N>")
+    return point
 
 
 def save(engine, ckpt_dir: Path, step: int, client: Dict[str, Any], per_rank: Dict[str, Any],
@@ -128,10 +170,15 @@ def load(engine, ckpt_dir: Path, rank: int, dp_size: int, model_config: Dict[str
     if meta["dp_size"] != dp_size and engine.zero_optimization_stage() > 0:
         load_tag = to_universal(ckpt_dir, tag, rank)
         engine._config.load_universal_checkpoint = True
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_module_strict=True)
+    try:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_module_strict=True)
+    except (AssertionError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError) as e:
+        raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'}); move that directory aside to "
+                        f"resume from the newest complete checkpoint before it") from None
     if path is None or client is None:
-        raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded (incomplete or corrupt); delete that "
-                           f"directory and point {ckpt_dir / 'latest'} at the previous step<N> to resume from it")
+        raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded (incomplete or corrupt); move that "
+                        f"directory aside to resume from the newest complete checkpoint before it")
     ranks = client["ranks"]
     client["mine"] = ranks[rank] if rank < len(ranks) else ranks[0]
     return client
@@ -164,9 +211,11 @@ def merged_lanes(client: Dict[str, Any]) -> Dict[int, Any]:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file renamed over it), in the mode a new file gets."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, new_file_mode())      # a .tmp left by a killed writer keeps the mode it was made with
     os.replace(tmp, path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -249,6 +250,26 @@ def check_deepspeed_overrides(overrides: Any) -> None:
     walk(overrides, "")
 
 
+# The range of every number: (low, high, how the error states it). "> 0" excludes 0, "in [0, 1)" excludes 1.
+_INF = math.inf
+RANGES = {
+    **{k: (1, _INF, "a positive integer") for k in (
+        "model.vocab_size", "model.n_layer", "model.n_embd", "model.ctx_len", "model.se_reduction",
+        "model.ffn_mult", "data.seq_len", "data.micro_batch_size", "train.max_steps", "train.log_every",
+        "train.keep_last", "train.eval_batches", "parallel.pipeline_stages", "parallel.bucket_size",
+        "parallel.prefetch_bucket_size")},
+    **{k: (0, _INF, ">= 0") for k in (
+        "model.medium_interval", "train.global_batch_size", "train.max_tokens", "train.save_every",
+        "train.eval_every", "train.max_bad_steps", "data.num_workers", "optim.warmup_steps", "optim.lr_final",
+        "optim.weight_decay", "optim.grad_clip", "parallel.timeout_minutes", "parallel.stall_timeout_s")},
+    **{k: (0, _INF, "> 0") for k in ("optim.lr", "optim.eps", "train.peak_tflops")},
+    **{k: (0, 1, "in [0, 1)") for k in ("optim.beta1", "optim.beta2")},
+    "train.fp16_initial_scale_power": (0, 64, "in [0, 64]"),
+    "parallel.zero_stage": (0, 3, "0, 1, 2 or 3"),
+}
+OPTIONAL_NUMBERS = {"train.peak_tflops"}
+
+
 def validate(cfg: DictConfig) -> None:
     """Each key on its own (choices, signs); the rules that span several keys are pretrain/plan.py's."""
     check_deepspeed_overrides(cfg.parallel.deepspeed)
@@ -258,20 +279,13 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(choices)}")
-    positive = ["model.vocab_size", "model.n_layer", "model.n_embd", "model.ctx_len", "model.se_reduction",
-                "data.seq_len", "data.micro_batch_size", "train.max_steps", "train.log_every", "train.keep_last",
-                "parallel.pipeline_stages", "parallel.bucket_size", "parallel.prefetch_bucket_size"]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be a positive integer, got {OmegaConf.select(cfg, key)}")
-    for key in ["model.medium_interval", "train.global_batch_size", "train.max_tokens", "train.save_every", "train.eval_every",
-                "data.num_workers", "optim.warmup_steps"]:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'parallel.zero_stage' must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
-    if cfg.optim.lr <= 0 or cfg.optim.lr_final < 0:
-        raise ConfigError("config keys 'optim.lr' must be > 0 and 'optim.lr_final' >= 0")
+    for key, (low, high, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in OPTIONAL_NUMBERS:
+            continue
+        if not math.isfinite(value) or not low <= value <= high or (what == "> 0" and value == low) \
+                or (what.endswith("1)") and value == high):
+            raise ConfigError(f"config key '{key}' must be {what}, got {value}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,22 +1,77 @@
 """What a training run writes beside its checkpoints and prints: config.yaml, deepspeed_config.json,
-runs.jsonl, REQUEUE, and the console lines of rank 0."""
+runs.jsonl, REQUEUE, the console lines of rank 0, and the lock that makes OUT_DIR one run's."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
+import filelock
 import torch
+import torch.distributed as tdist
 from omegaconf import DictConfig
 
 from .checkpoint import write_atomic
 from .config import model_config, to_yaml
 from .distributed import Dist
+from .errors import UserError
 from .metrics import run_metadata
 from .plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Before any heavy start-up: OUT_DIR, or the nearest folder above it that exists, is a writable folder."""
+    p = out_dir.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"run.out_dir={out_dir}: {p} is a file, not a folder; choose another run.out_dir")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"run.out_dir={out_dir}: {p} is not writable by this user; choose another run.out_dir "
+                        f"or fix its permissions")
+
+
+def own_out_dir(out_dir: Path, d: Dist) -> Optional[filelock.FileLock]:
+    """Make OUT_DIR this run's (collective): rank 0 holds OUT_DIR/.lock for the whole run.
+
+    The lock is an flock, which the operating system releases when its process ends, however it ends
+    (kill -9 included), so a dead run's OUT_DIR is free at once and a live run's is refused with one
+    line naming its host and process. Where the filesystem has no flock the run goes on with a warning.
+    """
+    lock, refused = None, ""
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        owner = out_dir / ".lock.owner"
+        lock = filelock.FileLock(str(out_dir / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+            owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+        except filelock.Timeout:
+            try:
+                rec = json.loads(owner.read_text())
+                who = f"pid {rec['pid']} on host {rec['host']}, since {time.ctime(rec['since'])}"
+            except (OSError, ValueError, KeyError):
+                who = "a process that has not recorded itself"
+            refused = (f"run.out_dir={out_dir} is in use by another run ({who}); wait for it to end or stop it, "
+                       f"or choose another run.out_dir")
+            lock = None
+        except OSError as e:       # no flock on this filesystem (ENOLCK, ENOSYS, ...)
+            print(f"warning: cannot lock {out_dir / '.lock'} ({e}): make sure no other run uses this "
+                  f"run.out_dir", file=sys.stderr, flush=True)
+            lock = None
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        box = [refused]
+        tdist.broadcast_object_list(box, src=0, device=d.device if d.device.type == "cuda" else None)
+        refused = box[0]
+    if refused:
+        raise UserError(refused)
+    return lock
 
 
 def write_run_files(cfg: DictConfig, out_dir: Path, d: Dist, plan: Optional[Plan], resumed_at: int) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import checkpoint, faults, runfiles
 from .config import model_config, model_fields
-from .data.sources import micro_batches, prepare_data, train_batches, valid_batches
+from .data.sources import check_sources, micro_batches, prepare_data, train_batches, valid_batches
 from .distributed import start
 from .engine import all_reduce_sum, current_lr, evaluate, train_step
 from .evaluation import perplexity
@@ -18,14 +18,17 @@ from .plan import make_plan
 
 
 def train(cfg, early_signals=()) -> int:
+    out = Path(cfg.run.out_dir)
+    runfiles.check_out_dir(out)                                              # bad input fails before start-up
+    check_sources(cfg)
     dist = start(cfg)                                                        # processes, seeds
     plan = make_plan(cfg, dist.world_size, dist.rank, dist.device)            # layout, steps, DeepSpeed config
-    out = Path(cfg.run.out_dir)
+    lock = runfiles.own_out_dir(out, dist)          # one run per out_dir: held until train() returns
     sources = prepare_data(cfg, dist)                                       # shards (built-in corpus on first use)
     model = build_model(cfg, plan, dist)                                    # RRWKV or its pipeline stages
     engine = build_engine(model, cfg, plan)                                 # DeepSpeed
     batches = train_batches(cfg, sources, plan)                             # this rank's rows of each batch
-    resume_dir = checkpoint.find_resume_dir(out, cfg.run.resume)
+    resume_dir = checkpoint.find_resume_dir(out, cfg.run.resume, dist.say)
     client = {"step": 0, "tokens": 0}
     if resume_dir is not None:                                                # model, optimizer, data, RNG
         client = checkpoint.load(engine, resume_dir, dist.rank, plan.data_parallel, model_fields(cfg))
@@ -91,6 +94,8 @@ def train(cfg, early_signals=()) -> int:
     runfiles.mark_done(out, dist)
     log.close()
     watchdog.close()
+    if lock is not None:                                                     # (an early return releases it too)
+        lock.release()
     dist.say(f"done: step {step}, outputs in {out}")
     return 0
 

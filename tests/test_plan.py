@@ -1,4 +1,6 @@
 """The run's plan (pretrain/plan.py): the config resolved once, cross-key rules checked in one place."""
+import re
+
 import pytest
 import torch
 
@@ -42,3 +44,21 @@ def test_each_cross_key_rule_is_one_config_error(overrides, world, match):
     c = cfg(*overrides)          # each key is valid on its own: the config loads
     with pytest.raises(ConfigError, match=match):
         make_plan(c, world_size=world, rank=0, device=CPU)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=inf", "'optim.lr' must be > 0, got inf"),
+    ("optim.lr=nan", "'optim.lr' must be > 0, got nan"),
+    ("optim.beta2=1.0", "'optim.beta2' must be in [0, 1), got 1.0"),
+    ("optim.beta1=-0.1", "'optim.beta1' must be in [0, 1)"),
+    ("optim.eps=0", "'optim.eps' must be > 0"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay' must be >= 0"),
+    ("optim.grad_clip=-1", "'optim.grad_clip' must be >= 0"),
+    ("train.eval_batches=0", "'train.eval_batches' must be a positive integer, got 0"),
+    ("train.max_bad_steps=-1", "'train.max_bad_steps' must be >= 0"),
+    ("model.ffn_mult=0", "'model.ffn_mult' must be a positive integer"),
+    ("parallel.zero_stage=4", "'parallel.zero_stage' must be 0, 1, 2 or 3"),
+])
+def test_every_number_is_checked_against_its_range_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match="config key " + re.escape(message)):
+        cfg(override)

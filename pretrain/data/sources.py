@@ -49,6 +49,18 @@ def _sources(value: Any, key: str) -> Tuple[Any, list]:
     return src, manifests
 
 
+def check_sources(cfg: DictConfig) -> None:
+    """Before any heavy start-up: data.train / data.valid name readable shard sets (the built-in
+    corpus is built later, by prepare_data), and run.init_from a folder."""
+    for key in ("data.train", "data.valid"):
+        value = OmegaConf.select(cfg, key)
+        if value not in (None, "builtin"):
+            _sources(value, key)
+    if cfg.run.init_from and not Path(cfg.run.init_from).is_dir():
+        raise UserError(f"run.init_from={cfg.run.init_from}: no such folder; give an exported MODEL_DIR "
+                        f"(rrwkv-export writes one)")
+
+
 def prepare_data(cfg: DictConfig, d: Dist) -> DataSources:
     """Resolve data.train / data.valid (building the built-in corpus once) and check the tokenizer."""
     train, valid = cfg.data.train, cfg.data.valid
