@@ -54,3 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return train(parse_config(args), early)
 
     return run_main(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
