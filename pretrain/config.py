@@ -81,6 +81,10 @@ class TrainSection:
     activation_checkpointing: bool = False
     peak_tflops: Optional[float] = None  # for MFU; default: the card's dense bf16 peak, or measured on CPU
     max_bad_steps: int = 10              # stop after this many non-finite steps in a row (0: never)
+    spike_factor: float = 3.0            # loss above this x its running median is a spike (0: no spike guard)
+    spike_history: int = 100             # steps in that running median
+    spike_steps: int = 3                 # a spike this long rolls back to the last checkpoint and skips its data
+    max_rollbacks: int = 5               # a spike after this many rollbacks stops the run (exit 3)
     l2wrap: bool = True                  # RWKV-4's logit regularizer
     fp16_initial_scale_power: int = 12   # fp16 dynamic loss scaling starts at 2**this
     grad_accum_dtype: str = "fp32"       # bf16 training: fp32 | bf16 (gradients accumulated in bf16: half the
@@ -256,11 +260,11 @@ RANGES = {
     **{k: (1, _INF, "a positive integer") for k in (
         "model.vocab_size", "model.n_layer", "model.n_embd", "model.ctx_len", "model.se_reduction",
         "model.ffn_mult", "data.seq_len", "data.micro_batch_size", "train.max_steps", "train.log_every",
-        "train.keep_last", "train.eval_batches", "parallel.pipeline_stages", "parallel.bucket_size",
+        "train.keep_last", "train.eval_batches", "train.spike_history", "train.spike_steps", "parallel.pipeline_stages", "parallel.bucket_size",
         "parallel.prefetch_bucket_size")},
     **{k: (0, _INF, ">= 0") for k in (
         "model.medium_interval", "train.global_batch_size", "train.max_tokens", "train.save_every",
-        "train.eval_every", "train.max_bad_steps", "data.num_workers", "optim.warmup_steps", "optim.lr_final",
+        "train.eval_every", "train.max_bad_steps", "train.spike_factor", "train.max_rollbacks", "data.num_workers", "optim.warmup_steps", "optim.lr_final",
         "optim.weight_decay", "optim.grad_clip", "parallel.timeout_minutes", "parallel.stall_timeout_s")},
     **{k: (0, _INF, "> 0") for k in ("optim.lr", "optim.eps", "train.peak_tflops")},
     **{k: (0, 1, "in [0, 1)") for k in ("optim.beta1", "optim.beta2")},

@@ -22,14 +22,19 @@ def is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def injected_fault(step: int) -> bool:
-    """Tests: RRWKV_FAULT_NONFINITE_STEPS=3,5 makes the loss of those (1-based) steps infinite."""
-    spec = os.environ.get("RRWKV_FAULT_NONFINITE_STEPS", "")
-    return str(step) in spec.split(",")
+def injected_fault(step: int, window: int = 0) -> float:
+    """Tests: the factor on the loss of a step. RRWKV_FAULT_NONFINITE_STEPS=3,5 makes the loss of those
+    (1-based) steps infinite; RRWKV_FAULT_SPIKE_WINDOWS=8,9 multiplies by 1000 the loss of the steps that
+    read those (1-based) data windows, as a corrupt batch would."""
+    if str(step) in os.environ.get("RRWKV_FAULT_NONFINITE_STEPS", "").split(","):
+        return float("inf")
+    if window and str(window) in os.environ.get("RRWKV_FAULT_SPIKE_WINDOWS", "").split(","):
+        return 1000.0
+    return 1.0
 
 
 def train_step(engine, batches, device: torch.device, step: int = 0, l2wrap: bool = False,
-               on_phase: Optional[Callable[[str], None]] = None) -> float:
+               on_phase: Optional[Callable[[str], None]] = None, window: int = 0) -> float:
     """One optimizer step over `grad_accum` micro-batches; returns the loss averaged over all ranks.
 
     `on_phase(name)`, if given, is called as each micro-batch's "data" (on the device), "forward",
@@ -44,8 +49,9 @@ def train_step(engine, batches, device: torch.device, step: int = 0, l2wrap: boo
         mark("data")
         loss = lm_loss(engine(input_ids), labels, l2wrap)
         mark("forward")
-        if injected_fault(step):
-            loss = loss * float("inf")
+        fault = injected_fault(step, window)
+        if fault != 1.0:
+            loss = loss * fault
         engine.backward(loss)
         mark("backward")
         engine.step()

@@ -1,4 +1,4 @@
-"""Stopping cleanly: preemption signals, non-finite steps, and ranks that stop making progress.
+"""Stopping cleanly: preemption signals, non-finite steps, loss spikes, and ranks that stop making progress.
 
 Signals: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) set a flag; at
 the end of the current step all ranks agree on it (one all-reduce), save a checkpoint, write
@@ -8,7 +8,10 @@ script turns into a requeue. A run that finishes removes a stale REQUEUE marker 
 from __future__ import annotations
 
 import faulthandler
+import math
 import os
+import statistics
+from collections import deque
 import signal
 import sys
 import threading
@@ -70,6 +73,36 @@ class BadSteps:
     @property
     def exceeded(self) -> bool:
         return self.limit > 0 and self.in_a_row >= self.limit
+
+
+class SpikeGuard:
+    """Detects a loss spike: `patience` steps in a row whose (finite) loss exceeds `factor` x the
+    median of the last `history` normal steps (after `history // 5` of them). Non-finite steps are
+    BadSteps': DeepSpeed never applied them, so there is nothing to roll back.
+
+    The loss is the global mean (the same on every rank), so every rank decides alike."""
+
+    def __init__(self, factor: float, history: int, patience: int):
+        self.factor, self.patience = factor, patience
+        self.normal: deque = deque(maxlen=history)
+        self.min_history = max(1, history // 5)
+        self.windows: list = []              # the data windows of the spike's steps so far
+
+    def update(self, loss: float, window: int) -> bool:
+        """Record a step that read data window `window`; True when a spike has lasted `patience` steps."""
+        if self.factor <= 0 or not math.isfinite(loss):
+            return False
+        if len(self.normal) >= self.min_history and loss > self.factor * statistics.median(self.normal):
+            self.windows.append(window)
+            return len(self.windows) >= self.patience
+        self.windows = []
+        self.normal.append(loss)
+        return False
+
+    def reset(self) -> list:
+        """After a rollback: the spike's windows (to skip); normal history is kept."""
+        windows, self.windows = self.windows, []
+        return windows
 
 
 class Watchdog:

@@ -35,6 +35,8 @@ def train(cfg, early_signals=()) -> int:
         batches.load_state_dict(checkpoint.merged_lanes(client))
         checkpoint.set_rng_state(client["mine"]["rng"])
     step, tokens = client["step"], client["tokens"]
+    window = client.get("windows", step)                                    # data windows read (one a step)
+    skip, rollbacks = set(client.get("skip_windows", [])), client.get("rollbacks", 0)
     steps = micro_batches(batches, plan.micro_batch_size)                  # each step's micro-batches
     runfiles.write_run_files(cfg, out, dist, plan, resumed_at=step)
     log = MetricsLogger(out, cfg, plan.max_steps, step, dist.is_main, client.get("wandb_id"))
@@ -44,24 +46,55 @@ def train(cfg, early_signals=()) -> int:
                       recompute=cfg.train.activation_checkpointing)
     stop = faults.StopRequest(list(early_signals))
     bad = faults.BadSteps(cfg.train.max_bad_steps, fp16=cfg.train.precision == "fp16")
+    spike = faults.SpikeGuard(cfg.train.spike_factor, cfg.train.spike_history, cfg.train.spike_steps)
     watchdog = faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
     runfiles.announce(cfg, dist, plan, flops, peak_name, resume_dir, step)
 
     def save():
         checkpoint.save(engine, out / "checkpoints", step,
-                        {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": model_fields(cfg)},
+                        {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": model_fields(cfg),
+                         "windows": window, "skip_windows": sorted(skip), "rollbacks": rollbacks},
                         {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
+
+    def roll_back(point, spiked):
+        """To checkpoint `point`: model, optimizer, RNG and data position; the spike's windows are skipped."""
+        nonlocal client, step, tokens, window, steps
+        client = checkpoint.load(engine, point, dist.rank, plan.data_parallel, model_fields(cfg))
+        batches.load_state_dict(checkpoint.merged_lanes(client))
+        checkpoint.set_rng_state(client["mine"]["rng"])
+        steps.close()
+        steps = micro_batches(batches, plan.micro_batch_size)
+        log.log({"step": step, "event": "rollback", "to_step": client["step"], "skip_windows": spiked,
+                 "rollbacks": rollbacks})
+        dist.say(f"warning: loss spike for {len(spiked)} steps (above {cfg.train.spike_factor} x its running "
+                 f"median) at step {step}; rolled back to step {client['step']}, skipping data windows {spiked}",
+                 err=True)
+        step, tokens, window = client["step"], client["tokens"], client.get("windows", client["step"])
 
     while step < plan.max_steps:                                         # loop
         t_data = time.perf_counter()
-        micro = next(steps, None)
+        micro, window = next(steps, None), window + 1
+        while micro is not None and window in skip:                            # a spike's data, rolled back
+            micro, window = next(steps, None), window + 1
         timer.data_wait(time.perf_counter() - t_data)
         if micro is None:
             dist.say(f"data exhausted after {step} steps")
             break
         lr, skipped_before = current_lr(engine), engine.skipped_steps
-        loss = train_step(engine, micro, dist.device, step + 1, cfg.train.l2wrap)
+        loss = train_step(engine, micro, dist.device, step + 1, cfg.train.l2wrap, window=window)
         step, tokens = step + 1, tokens + timer.step_tokens
+        if spike.update(loss, window):                                        # loss spike: roll back, skip
+            point = checkpoint.find_resume_dir(out, "auto", dist.say)
+            if point is None or rollbacks >= cfg.train.max_rollbacks:
+                why = "no checkpoint to roll back to" if point is None else f"{rollbacks} rollbacks (train.max_rollbacks)"
+                dist.say(f"error: loss spike at step {step} and {why}; stopping, the last good checkpoint is kept",
+                         err=True)
+                return faults.BAD_STEPS_EXIT
+            rollbacks += 1
+            skip.update(spike.windows)
+            roll_back(point, spike.reset())
+            timer.pause()
+            continue
         watchdog.beat(step)
         timer.tick()
         kind = bad.update(loss, engine.skipped_steps > skipped_before)
@@ -73,7 +106,7 @@ def train(cfg, early_signals=()) -> int:
                 return faults.BAD_STEPS_EXIT
         if step % cfg.train.log_every == 0 or step in (1, plan.max_steps):
             log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
-                     **timer.rates(step, plan.max_steps, dist.device), "skipped_steps": bad.total,
+                     **timer.rates(step, plan.max_steps, dist.device), "skipped_steps": bad.total, "rollbacks": rollbacks,
                      "overflow_steps": bad.overflows, **runfiles.memory_stats(dist.device),
                      "corrupt_shards": all_reduce_sum(batches.stats()["corrupt_shards"], dist.device)  # each stage reads
                      // cfg.parallel.pipeline_stages})                            # the same lanes
@@ -86,7 +119,8 @@ def train(cfg, early_signals=()) -> int:
             runfiles.mark_requeue(out, dist, step)
             log.close()
             return faults.REQUEUE_EXIT
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < plan.max_steps:
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < plan.max_steps \
+                and not spike.windows:                                        # (never in a spike's midst)
             save()                                                            # checkpoints
             timer.pause()
     if step > client["step"]:

@@ -94,3 +94,24 @@ def test_a_read_only_out_dir_fails_before_start_up(tmp_path, cache_dir):
     ro.mkdir(mode=0o555)
     p = run(pretrain_cmd(ro / "out", cache_dir, ["train.max_steps=1"]))
     assert "is not writable" in one_error_line(p) and "process(es)" not in p.stdout
+
+
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_its_data(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    spike = ["train.max_steps=14", "train.save_every=4", "train.spike_steps=2", "train.spike_history=10"]
+    p = subprocess.run(pretrain_cmd(out, cache_dir, spike), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(env(), RRWKV_FAULT_SPIKE_WINDOWS="9,10"))   # two corrupt batches: loss x 1000
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in rows if r.get("event") == "rollback"]
+    assert len(events) == 1 and events[0]["step"] == 10 and events[0]["to_step"] == 8
+    assert events[0]["skip_windows"] == [9, 10]
+    assert "rolled back to step 8, skipping data windows [9, 10]" in p.stderr
+    after = [r for r in rows[rows.index(events[0]) + 1:] if "loss" in r and "event" not in r]
+    assert [r["step"] for r in after] == list(range(9, 15))           # steps 9-14 again, on windows 11-16
+    assert all(r["loss"] < 10 for r in after) and after[-1]["rollbacks"] == 1   # finite, no spike left
+    # The rollback is part of the run's state: a resume knows the skipped windows and the count.
+    p = run(pretrain_cmd(out, cache_dir, spike[1:] + ["train.max_steps=15"]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 15 and last["rollbacks"] == 1
