@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import zstandard
+try:                    # a dependency, needed only for .zst inputs: the trainer imports this module too
+    import zstandard
+except ImportError:     # an environment without it still reads .txt, .jsonl, .gz and parquet
+    zstandard = None
 
 from .errors import DataError
 
@@ -42,7 +45,7 @@ SKIP_REASONS = {
     "damaged": "compressed input file(s) cut short or corrupt (read up to the damage)",
 }
 # What reading a damaged .gz / .zst raises (gzip: EOFError when cut short, like _ZstdFrames).
-DAMAGE_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError)
+DAMAGE_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error) + ((zstandard.ZstdError,) if zstandard else ())
 
 
 def input_kind(path: Path) -> str | None:
@@ -307,6 +310,8 @@ class _ZstdFrames(io.RawIOBase):
     quietly where a file is cut short; this raises EOFError there, as gzip does."""
 
     def __init__(self, path: str):
+        if zstandard is None:
+            raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)")
         self._file = open(path, "rb")
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = self._dctx.decompressobj()
