@@ -138,6 +138,11 @@ def save(engine, ckpt_dir: Path, step: int, client: Dict[str, Any], per_rank: Di
         dist.barrier()
 
 
+def size_gb(path: Path) -> float:
+    """The bytes under `path` (a checkpoint tag), in GB; 0 where this rank cannot see it."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9 if path.is_dir() else 0.0
+
+
 def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` tags (never the one `latest` names)."""
     latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None

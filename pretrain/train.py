@@ -50,11 +50,17 @@ def train(cfg, early_signals=()) -> int:
     watchdog = faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
     runfiles.announce(cfg, dist, plan, flops, peak_name, resume_dir, step)
 
+    last_save = {}                                                           # logged with the next rows
+
     def save():
+        t = time.perf_counter()
         checkpoint.save(engine, out / "checkpoints", step,
                         {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": model_fields(cfg),
                          "windows": window, "skip_windows": sorted(skip), "rollbacks": rollbacks},
                         {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
+        last_save.update(save_s=round(time.perf_counter() - t, 3),               # the training time a save costs
+                         checkpoint_gb=round(checkpoint.size_gb(out / "checkpoints" / f"step{step}"), 3))
+        dist.say(f"saved checkpoint step{step}: {last_save['checkpoint_gb']} GB in {last_save['save_s']} s")
 
     def roll_back(point, spiked):
         """To checkpoint `point`: model, optimizer, RNG and data position; the spike's windows are skipped."""
@@ -106,7 +112,7 @@ def train(cfg, early_signals=()) -> int:
                 return faults.BAD_STEPS_EXIT
         if step % cfg.train.log_every == 0 or step in (1, plan.max_steps):
             log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
-                     **timer.rates(step, plan.max_steps, dist.device), "skipped_steps": bad.total, "rollbacks": rollbacks,
+                     **timer.rates(step, plan.max_steps, dist.device), "skipped_steps": bad.total, "rollbacks": rollbacks, **last_save,
                      "overflow_steps": bad.overflows, **runfiles.memory_stats(dist.device),
                      "corrupt_shards": all_reduce_sum(batches.stats()["corrupt_shards"], dist.device)  # each stage reads
                      // cfg.parallel.pipeline_stages})                            # the same lanes
