@@ -56,12 +56,17 @@ def gather_objects(obj: Any) -> List[Any]:
     return out
 
 
-def complete_tags(ckpt_dir: Path) -> List[Path]:
-    """The complete step<N> directories (with SIDECAR) of ckpt_dir, oldest first."""
+def step_dirs(ckpt_dir: Path) -> List[Path]:
+    """The step<N> directories of ckpt_dir, complete or not, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     tags = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))]
-    return [p for _, p in sorted(tags) if (p / SIDECAR).is_file()]
+    return [p for _, p in sorted(tags)]
+
+
+def complete_tags(ckpt_dir: Path) -> List[Path]:
+    """The complete step<N> directories (with SIDECAR) of ckpt_dir, oldest first."""
+    return [p for p in step_dirs(ckpt_dir) if (p / SIDECAR).is_file()]
 
 
 def _resume_point(ckpt: Path, say: Callable[[str], None]) -> Optional[Path]:
@@ -80,9 +85,9 @@ def _resume_point(ckpt: Path, say: Callable[[str], None]) -> Optional[Path]:
         why = f"{latest} names {named!r}, not a complete checkpoint" if latest.exists() else f"{latest} is missing"
         say(f"warning: {why}; resuming from the newest complete checkpoint, {tags[-1]}")
         return tags[-1]
-    found = sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else []
-    if any(TAG_RE.match(n) for n in found):
-        raise UserError(f"{ckpt} holds {', '.join(found)} but no complete checkpoint (a step<N> with {SIDECAR}); "
+    torn = [p.name for p in step_dirs(ckpt)]
+    if torn:
+        raise UserError(f"{ckpt} holds {', '.join(torn)} but no complete checkpoint (a step<N> with {SIDECAR}); "
                         f"move those aside to start over in this run.out_dir, or choose another one")
     return None
 
@@ -146,9 +151,8 @@ def size_gb(path: Path) -> float:
 def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` tags (never the one `latest` names)."""
     latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
-    tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
-                  if p.is_dir() and (m := TAG_RE.match(p.name)))
-    for _, path in tags[:-keep_last] if keep_last > 0 else []:
+    tags = step_dirs(ckpt_dir)
+    for path in tags[:-keep_last] if keep_last > 0 else []:
         if path.name != latest:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -19,36 +19,32 @@ import argparse
 import dataclasses
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..distributed import free_port
+from ..errors import UserError
+from ..faults import REQUEUE_EXIT
+from .common import ArgumentParser, number, run_main
 from .train import catch_signals_early, parse_config
-
-REQUEUE_EXIT = 75
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--nproc-per-node", type=int, required=True, help="ranks on this node")
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--nproc-per-node", type=number(int, 1), required=True, help="ranks on this node")
+    p.add_argument("--nnodes", type=number(int, 1), default=1)
+    p.add_argument("--node-rank", type=number(int, 0), default=0)
     p.add_argument("--master-addr", default="127.0.0.1", help="host of node 0 (reachable from every node)")
-    p.add_argument("--master-port", type=int, default=0, help="a free port on node 0 (default: any, one node only)")
-    p.add_argument("--shutdown-timeout", type=int, default=600,
+    p.add_argument("--master-port", type=number(int, 0, 65535), default=0,
+                   help="a free port on node 0 (default: any, one node only)")
+    p.add_argument("--shutdown-timeout", type=number(int, 0), default=600,
                    help="seconds the ranks get to save and exit after a stop request (default 600, SLURM's window)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then rrwkv-pretrain's arguments")
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _requeue_written_since(cfg, start: float) -> bool:
@@ -58,32 +54,23 @@ def _requeue_written_since(cfg, start: float) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     early = catch_signals_early()                    # until the elastic agent takes them over
-    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    return run_main(lambda a: launch(a, early), list(sys.argv[1:] if argv is None else argv))
+
+
+def launch(argv: Sequence[str], early: Sequence[int]) -> int:
+    args = parser().parse_args(list(argv))
     train_args = args.args[1:] if args.args[:1] == ["--"] else args.args
-    for flag, value, low in (("--nproc-per-node", args.nproc_per_node, 1), ("--nnodes", args.nnodes, 1),
-                             ("--shutdown-timeout", args.shutdown_timeout, 0)):
-        if value < low:
-            print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
-            return 2
-    if not 0 <= args.node_rank < args.nnodes or (args.nnodes > 1 and not args.master_port):
-        print("error: give --node-rank in [0, --nnodes) and, with several nodes, --master-addr and --master-port",
-              file=sys.stderr)
-        return 2
-    from ..config import ConfigError
-    try:
-        cfg = parse_config(train_args)                 # bad config: one line here, before any rank starts
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.node_rank >= args.nnodes or (args.nnodes > 1 and not args.master_port):
+        raise UserError("give --node-rank in [0, --nnodes) and, with several nodes, --master-addr and --master-port")
+    cfg = parse_config(train_args)                     # bad config: one line here, before any rank starts
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     fields = {f.name for f in dataclasses.fields(LaunchConfig)}
     if not {"signals_to_handle", "shutdown_timeout"} <= fields:
-        print("error: rrwkv-launch needs a torch whose elastic launcher forwards signals (LaunchConfig."
-              "signals_to_handle, shutdown_timeout); upgrade torch", file=sys.stderr)
-        return 2
-    port = args.master_port or _free_port()
+        raise UserError("rrwkv-launch needs a torch whose elastic launcher forwards signals (LaunchConfig."
+                        "signals_to_handle, shutdown_timeout); upgrade torch")
+    port = args.master_port or free_port()
     config = LaunchConfig(min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                           run_id=os.environ.get("RRWKV_RUN_ID", uuid.uuid4().hex[:8] if args.nnodes == 1 else "rrwkv"),
                           rdzv_backend="static", rdzv_endpoint=f"{args.master_addr}:{port}",
