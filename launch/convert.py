@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert RWKV-4 weights into MODEL_DIRs (interval 0) and interval-0 MODEL_DIRs into Hugging Face RWKV.
+"""Convert models between MODEL_DIRs and Hugging Face (RRWKV of any interval; RWKV-4) or BlinkDL's RWKV-4 .pth.
 
 The program is rrwkv.pretrain.cli.convert (installed as `rrwkv-convert`); `--help` lists its options.
 """

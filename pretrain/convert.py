@@ -1,4 +1,5 @@
 """RWKV-4 weights in and out: BlinkDL's `.pth` files and Hugging Face `RwkvForCausalLM` directories.
+(Models of any medium interval go to and from Hugging Face as remote code: pretrain/hf/convert.py.)
 
 An RRWKV with medium_interval 0 is RWKV-4 (rrwkv.md), and its state dict names are BlinkDL's:
 `emb.weight`, `blocks.N.ln0/ln1/ln2`, `blocks.N.att.{time_decay, time_first, time_mix_k, time_mix_v,
@@ -183,7 +184,7 @@ def to_hf_rwkv(model_dir: Path, output: Path, dtype: str = "fp32") -> dict:
     cfg = load_config(model_dir, flag="--input")
     if cfg.medium_interval != 0:
         raise UserError(f"{model_dir / CONFIG} has medium_interval {cfg.medium_interval}: only interval-0 (RWKV-4) "
-                        f"models convert to RwkvForCausalLM, which has no mediums")
+                        f"models convert to RwkvForCausalLM, which has no mediums; use --to hf-rrwkv (any interval)")
     tok_path = find_tokenizer(model_dir)
     from rrwkv.data_tools.tokenizer import load_tokenizer
     eos = load_tokenizer(tok_path).eos_id
@@ -210,13 +211,23 @@ def describe(config: dict) -> str:
 
 
 def convert(direction: Tuple[Optional[str], Optional[str]], src: Path, out: Path, tokenizer: Optional[str],
-            ctx_len: int, dtype: str) -> dict:
+            ctx_len: int, dtype: Optional[str]) -> dict:
+    """Run one conversion. dtype None: the stored dtype for hf-rrwkv (a round trip is bit for bit), else fp32."""
     frm, to = direction
+    if "hf-rrwkv" in direction and tokenizer:
+        raise UserError("--tokenizer is not used with hf-rrwkv: the tokenizer travels inside the folders; leave it out")
+    if frm == "hf-rrwkv" and to is None:
+        from .hf.convert import from_hf_rrwkv
+        return from_hf_rrwkv(src, out, dtype)
+    if to == "hf-rrwkv" and frm is None:
+        from .hf.convert import to_hf_rrwkv
+        return to_hf_rrwkv(src, out, dtype)
+    dtype = dtype or "fp32"
     if frm == "hf-rwkv" and to is None:
         return from_hf_rwkv(src, out, tokenizer, dtype)
     if frm == "rwkv4-pth" and to is None:
         return from_rwkv4_pth(src, out, tokenizer, ctx_len, dtype)
     if to == "hf-rwkv" and frm is None:
         return to_hf_rwkv(src, out, dtype)
-    raise UserError("give exactly one of --from hf-rwkv | --from rwkv4-pth (into a MODEL_DIR) or --to hf-rwkv "
-                    "(from an interval-0 MODEL_DIR)")
+    raise UserError("give exactly one of --from hf-rwkv | --from rwkv4-pth | --from hf-rrwkv (into a MODEL_DIR) or "
+                    "--to hf-rwkv (from an interval-0 MODEL_DIR) | --to hf-rrwkv (from any MODEL_DIR)")

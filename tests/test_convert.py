@@ -148,10 +148,13 @@ def test_conversion_errors_are_one_line(tmp_path):
     save_model_dir(ours.state_dict(), ours.cfg.to_dict(), write_tokenizer(tmp_path / "tok.json"), tmp_path / "rr")
     cases = [
         (["--to", "hf-rwkv", "--input", tmp_path / "rr", "--output", tmp_path / "o1"],
-         "has medium_interval 8: only interval-0 (RWKV-4) models convert"),
+         "has medium_interval 8: only interval-0 (RWKV-4) models convert to RwkvForCausalLM, which has no mediums; "
+         "use --to hf-rrwkv"),
         (["--from", "hf-rwkv", "--input", tmp_path / "missing", "--output", tmp_path / "o2"], "no config.json there"),
         (["--to", "hf-rwkv", "--input", tmp_path / "missing", "--output", tmp_path / "o3"],
          "expected model.safetensors and config.json"),
+        (["--from", "hf-rwkv", "--to", "hf-rrwkv", "--input", tmp_path / "rr", "--output", tmp_path / "o6"],
+         "give exactly one of --from hf-rwkv | --from rwkv4-pth | --from hf-rrwkv"),
     ]
     sd = blinkdl_state_dict(hf_model())
     sd["blocks.0.att.time_faaaa"] = torch.zeros(C)                # an RWKV-5 tensor
