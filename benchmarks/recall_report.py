@@ -15,12 +15,29 @@ def rows(folder: Path):
         yield c, model, r
 
 
+def first_step(r: dict, level: float):
+    """The first evaluated step whose held-out accuracy reached `level` ('-' if none did)."""
+    return next((p["step"] for p in r["curve"] if p["accuracy"] >= level), "-")
+
+
+def setting(c: dict) -> str:
+    """What the run's data and model were beyond the table's columns. Runs from before these settings
+    existed (2026-12-05) had an untied head and random tokens between the queries."""
+    tied = "tied" if c.get("tie_embeddings", False) else "untied"
+    filler = "noise" if c.get("random_non_queries", True) else "0"
+    heads = f", {c['heads']} heads" if c.get("heads") else ""
+    vocab = f", V {c['vocab_size']}" if c.get("vocab_size", 8192) != 8192 else ""
+    return f"{tied}, filler {filler}{heads}{vocab}"
+
+
 def mqar_table(folder: Path) -> str:
-    out = ["| cell (T, K) | model | d | lr | accuracy | steps | state floats/layer | tokens/s |",
-           "|---|---|---|---|---|---|---|---|"]
-    for c, model, r in sorted(rows(folder), key=lambda x: (x[0]["seq_len"], x[1], x[0]["d_model"], x[0]["lr"])):
-        out.append(f"| ({c['seq_len']}, {c['kv_pairs']}) | {model} | {c['d_model']} | {c['lr']:g} | "
-                   f"{r['accuracy']:.3f} | {r['steps']} | {r['state_size']} | {r['tokens_per_s']:,.0f} |")
+    out = ["| cell (T, K) | model | d | setting | batch | lr | accuracy | steps | step at 0.9 | state floats/layer | "
+           "tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, model, r in sorted(rows(folder), key=lambda x: (x[0]["seq_len"], x[1], x[0]["d_model"], setting(x[0]),
+                                                           x[0]["lr"])):
+        out.append(f"| ({c['seq_len']}, {c['kv_pairs']}) | {model} | {c['d_model']} | {setting(c)} | "
+                   f"{c['batch_size']} | {c['lr']:g} | {r['accuracy']:.3f} | {r['steps']} | {first_step(r, 0.9)} | "
+                   f"{r['state_size']} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(out)
 
 

@@ -297,15 +297,21 @@ class RRWKV(nn.Module):
     # ---- running ----
     def forward(self, idx: torch.Tensor, state: Optional[RRWKVState] = None, return_state: bool = False):
         """idx: (B, T) token ids -> logits (B, T, vocab) [, state after the chunk]."""
+        x, new_state = self.features(idx, state)
+        logits = self.head(x)
+        if return_state:
+            return logits, new_state
+        return logits
+
+    def features(self, idx: torch.Tensor, state: Optional[RRWKVState] = None):
+        """idx: (B, T) -> (the head's input (B, T, C), state after the chunk): for callers that need the
+        logits at a few positions only (the head applied to those rows alone)."""
         x = self.emb(idx)
         new_layers = []
         for i, block in enumerate(self.blocks):
             x, st = block(x, None if state is None else state.layers[i])
             new_layers.append(st)
-        logits = self.head(self.ln_out(x))
-        if return_state:
-            return logits, RRWKVState(new_layers)
-        return logits
+        return self.ln_out(x), RRWKVState(new_layers)
 
     def step(self, idx_t: torch.Tensor, state: Optional[RRWKVState] = None):
         """One token per sequence: idx_t (B,) -> (logits (B, vocab), new state)."""

@@ -64,13 +64,9 @@ class Exported:
         return AutoModelForCausalLM.from_pretrained(self.hf_dir, trust_remote_code=True, **kw).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
     """Tiny matrices: on a busy 2-core machine, torch's thread pool costs more than it gives (12x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from rrwkv.pretrain.recall.trainer import RecallConfig, train
 V = 8192
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: the CI machine's two cores are shared, and two threads on a busy core spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -135,8 +126,8 @@ def test_sweep_resumes_only_missing_runs(tmp_path, capsys):
     assert main(["--sweep", str(grid), "--out", str(out), "--concurrent", "2"]) == 0
     first = capsys.readouterr().out
     reports = sorted(out.glob("*.json"))
-    assert [p.name for p in reports] == ["mqar-L16-K2-rwkv4-d16x1-lr0.001-seed0.json",
-                                         "mqar-L16-K2-rwkv4-d16x1-lr0.002-seed0.json"]
+    assert [p.name for p in reports] == ["mqar-L16-K2-V64-rwkv4-d16x1-lr0.001-seed0.json",
+                                         "mqar-L16-K2-V64-rwkv4-d16x1-lr0.002-seed0.json"]
     assert first.count("accuracy") == 2
     kept, mtime = reports[0], reports[0].stat().st_mtime_ns
     reports[1].unlink()
@@ -156,14 +147,14 @@ def test_bad_arguments_are_one_line_errors(capsys):
 
 
 # The CI check of the whole path: the attention control learns MQAR on CPU within a minute, far above
-# chance. Issue #19 asks for >= 0.9 here; on this 2-core CPU it reaches about 0.2 in a minute (the
-# level of knowing which values the sequence holds, 1/K = 0.25, not yet which key goes with which;
-# chance is 1/256) and the H100 runs show it needs thousands of steps more (docs/recall.md). The bar
-# below checks that the trainer learns; raising it to 0.9 is open work.
+# chance. Issue #19 asks for >= 0.9 here. It is not reached: on this 2-core CPU a step of 64 sequences
+# takes about 0.2 s, and the H100 scout (docs/recall.md) shows the control needs 1,200-2,700 steps to
+# pass 0.9 at this cell (it first sits at 1/K = 0.25, knowing which values the sequence holds but not
+# which key holds which). The CPU bar checks that the trainer learns; the GPU test below checks 0.97.
 CI_RUN = ["--task", "mqar", "--seq-len", "64", "--kv-pairs", "4", "--model", "attention", "--d-model", "64",
-          "--layers", "2", "--device", "cpu", "--seed", "0"]
-CI_SETTINGS = ["--vocab-size", "512", "--steps", "250", "--lr", "3e-3", "--batch-size", "64", "--warmup", "20",
-               "--weight-decay", "0", "--eval-every", "50", "--eval-samples", "256"]
+          "--layers", "2", "--seed", "0"]
+CI_SETTINGS = ["--device", "cpu", "--vocab-size", "256", "--steps", "250", "--lr", "1e-3", "--batch-size", "64",
+               "--warmup", "20", "--weight-decay", "0", "--eval-every", "50", "--eval-samples", "256"]
 
 
 def test_attention_learns_mqar_within_a_minute(tmp_path, one_thread):
@@ -172,10 +163,24 @@ def test_attention_learns_mqar_within_a_minute(tmp_path, one_thread):
     assert main([*CI_RUN, *CI_SETTINGS, "--report", str(report_path)]) == 0
     wall = time.perf_counter() - t0
     report = json.loads(report_path.read_text())
-    assert report["accuracy"] >= 0.1, report["curve"]            # chance: 1 / 256
+    assert report["accuracy"] >= 0.15, report["curve"]           # chance: 1 / 128 (the value half)
     assert report["curve"][-1]["loss"] < report["curve"][0]["loss"] - 0.5, report["curve"]
     assert wall < 90, wall
     for key in ("loss", "steps", "tokens_per_s", "state_size", "params", "config", "curve"):
         assert key in report
     assert report["config"]["model"] == "attention" and report["state_size"] == 2 * 64 * 64
+    assert report["config"]["tie_embeddings"] and not report["config"]["random_non_queries"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_control_reaches_097_on_the_gpu(tmp_path):
+    """The check that the trainer works (issue #19): the attention control passes 0.97 on MQAR (64, 4),
+    vocabulary 8192, at Zoology's batch (H100 scout: 0.97 at step 3,100, in about 80 s)."""
+    report_path = tmp_path / "run.json"
+    assert main([*CI_RUN, "--device", "cuda", "--heads", "1", "--batch-size", "512", "--lr", "1e-3",
+                 "--warmup", "50", "--steps", "6000", "--eval-every", "100", "--eval-samples", "512",
+                 "--target", "0.97", "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["accuracy"] >= 0.97, report["curve"]

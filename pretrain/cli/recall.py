@@ -32,8 +32,20 @@ HELP = {
     "gaps": "gap task: comma-separated test gaps (default 64,128,...,16384)",
     "target": "early-stop accuracy (default 0.99)", "vocab_size": "vocabulary (default 8192, Zoology's)",
     "power_a": "MQAR's power-law parameter of the query positions (default 0.01)",
+    "tie_embeddings": "the output head shares the embedding matrix, true|false (default true, as Zoology)",
+    "heads": "attention control's heads (default 0: max(2, d_model // 64))",
+    "random_non_queries": "MQAR: random tokens instead of 0 between the queries, true|false (default false, "
+                          "as Zoology's figure 2)",
     "device": "cpu | cuda | auto (default auto)", "seed": "seed of weights and data (default 0)",
 }
+
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     from rrwkv.pretrain.recall.trainer import RecallConfig
     run = p.add_argument_group("run options (one run, or overrides of every run of a sweep)")
     for f in dataclasses.fields(RecallConfig):
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), None)
+        kind = {"int": int, "float": float, "str": str, "bool": boolean}.get(str(f.type), None)
         if f.name == "gaps":
             kind = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
         choices = {"task": ["mqar", "gap"], "model": ["attention", "rwkv4", "rrwkv"]}.get(f.name)

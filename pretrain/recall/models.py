@@ -26,10 +26,10 @@ MODELS = ("attention", "rwkv4", "rrwkv")
 class AttentionLM(nn.Module):
     """Causal transformer with learned absolute positions (the recall suite's attention control)."""
 
-    def __init__(self, vocab_size: int, n_layer: int, n_embd: int, max_len: int, seed: int = 0):
+    def __init__(self, vocab_size: int, n_layer: int, n_embd: int, max_len: int, seed: int = 0, heads: int = 0):
         super().__init__()
         self.max_len = max_len
-        self.n_head = max(2, n_embd // 64)
+        self.n_head = heads or max(2, n_embd // 64)
         if n_embd % self.n_head:
             raise ValueError(f"attention: --d-model ({n_embd}) must be divisible by its {self.n_head} heads")
         hidden = (13 * n_embd ** 2 - 4 * n_embd ** 2) // (2 * n_embd)   # = RRWKV's 13 C^2 per layer
@@ -54,13 +54,17 @@ class AttentionLM(nn.Module):
 
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(idx)[0])
+
+    def features(self, idx: torch.Tensor, state=None):
+        """(the head's input (B, T, C), None): the same call as RRWKV.features (no state to carry)."""
         T = idx.shape[1]
         if T > self.max_len:
             raise ValueError(f"attention: sequence of {T} tokens exceeds its {self.max_len} learned positions")
         x = self.emb(idx) + self.pos.weight[:T]
         for b in self.blocks:
             x = b(x)
-        return self.head(self.ln_out(x))
+        return self.ln_out(x), None
 
 
 def sinusoids(length: int, dim: int) -> torch.Tensor:
@@ -75,10 +79,20 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
 
 
 def build_model(model: str, vocab_size: int, d_model: int, layers: int, seq_len: int, interval: int = 0,
-                seed: int = 0) -> nn.Module:
-    """One of MODELS at the given width, depth and training length, initialized from `seed`."""
+                seed: int = 0, tie_embeddings: bool = False, heads: int = 0) -> nn.Module:
+    """One of MODELS at the given width, depth and training length, initialized from `seed`.
+    `tie_embeddings`: the output head shares the input embedding's matrix (Zoology's models do: a
+    value is then predicted by copying its own embedding forward). `heads`: the attention control's
+    heads (0: max(2, d_model // 64))."""
+    net = _build(model, vocab_size, d_model, layers, seq_len, interval, seed, heads)
+    if tie_embeddings:
+        net.head.weight = net.emb.weight
+    return net
+
+
+def _build(model, vocab_size, d_model, layers, seq_len, interval, seed, heads) -> nn.Module:
     if model == "attention":
-        return AttentionLM(vocab_size, layers, d_model, seq_len, seed)
+        return AttentionLM(vocab_size, layers, d_model, seq_len, seed, heads)
     if model == "rwkv4":
         interval = 0
     elif model == "rrwkv":
@@ -112,17 +126,19 @@ def state_size(model: nn.Module, length: int) -> int:
 
 def answer_logits(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor,
                   chunk: Optional[int] = None) -> torch.Tensor:
-    """Logits (B, K, V) at the answer positions. A recurrent model given `chunk` runs the sequence in
-    chunks of that length with its state carried (constant memory at any length); otherwise one pass."""
-    T = inputs.shape[1]
+    """Logits (B, K, V) at the answer positions: the head runs on those K rows only (at vocabulary
+    8192 the full (B, T, V) logits would cost more than the two layers). A recurrent model given
+    `chunk` runs the sequence in chunks of that length with its state carried (constant memory at
+    any length); otherwise one pass."""
+    T, C = inputs.shape[1], model.head.weight.shape[1]
     if chunk is None or chunk >= T or not is_recurrent(model):
-        logits = model(inputs)
-        return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
-    out, state = None, None
+        x, _ = model.features(inputs)
+        return model.head(x.gather(1, positions[..., None].expand(-1, -1, C)))
+    picked, state = None, None
     for a in range(0, T, chunk):
         b = min(T, a + chunk)
-        logits, state = model(inputs[:, a:b], state, return_state=True)
+        x, state = model.features(inputs[:, a:b], state)
         inside = (positions >= a) & (positions < b)
-        picked = logits.gather(1, (positions - a).clamp(0, b - a - 1)[..., None].expand(-1, -1, logits.shape[-1]))
-        out = picked if out is None else torch.where(inside[..., None], picked, out)
-    return out
+        rows = x.gather(1, (positions - a).clamp(0, b - a - 1)[..., None].expand(-1, -1, C))
+        picked = rows if picked is None else torch.where(inside[..., None], rows, picked)
+    return model.head(picked)

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import yaml
 
+from .tasks import VOCAB
 from .trainer import RecallConfig
 
 
@@ -39,7 +40,10 @@ def run_name(cfg: RecallConfig) -> str:
     """A file name that tells the run apart within a sweep: task, cell, model (and interval), width x
     depth, lr, seed."""
     model = f"rrwkv-s{cfg.interval}" if cfg.model == "rrwkv" else cfg.model
-    return f"{cfg.task}-L{cfg.seq_len}-K{cfg.kv_pairs}-{model}-d{cfg.d_model}x{cfg.layers}-lr{cfg.lr:g}-seed{cfg.seed}"
+    vocab = "" if cfg.vocab_size == VOCAB else f"-V{cfg.vocab_size}"
+    model += ("" if cfg.tie_embeddings else "-untied") + (f"-h{cfg.heads}" if cfg.heads else "")
+    return (f"{cfg.task}-L{cfg.seq_len}-K{cfg.kv_pairs}{vocab}-{model}-d{cfg.d_model}x{cfg.layers}-lr{cfg.lr:g}"
+            f"-seed{cfg.seed}")
 
 
 def expand(grid: dict, overrides: Optional[dict] = None) -> List[Tuple[str, RecallConfig]]:

@@ -6,13 +6,15 @@ hence no host-device synchronization per step). `labels` (-100 except at the ans
 information in the usual language-model form.
 
 - **MQAR** (multi-query associative recall, Arora et al. 2023 "Zoology", their
-  `multiquery_ar` generator, `random_non_queries=True`, one pass): the vocabulary is split into
+  `multiquery_ar` generator): the vocabulary is split into
   a key half [1, V/2) and a value half [V/2, V); K distinct keys and K distinct values are laid
   out as k1 v1 k2 v2 ... at the start; the remaining T - 2K positions form (T - 2K) / 2 slots at
   even offsets, K distinct slots are drawn with probability proportional to slot^(power_a - 1)
   (power_a = 0.01: most queries come soon after the pairs), and key i is placed in its slot.
-  Every other position is a uniform random token of the whole vocabulary (Zoology replaces its
-  zeros with such noise). The label at a query position is the value paired with that key (the
+  Every other position is token 0 (Zoology's `random_non_queries=False`, the setting of its
+  figure 2, whose accuracies are this suite's anchors) or, with `random_non_queries`, a uniform
+  random token of the whole vocabulary (Zoology's other setting: a harder task, where the
+  model must also tell queries from look-alike noise). The label at a query position is the value paired with that key (the
   model predicts it as the next token).
   Drawing K distinct slots in proportion to weights is done with the Gumbel-top-k trick, which
   has the same distribution as numpy's sequential `choice(replace=False, p=...)`.
@@ -66,7 +68,7 @@ def check_mqar(seq_len: int, kv_pairs: int, vocab_size: int = VOCAB) -> None:
 
 
 def mqar_batch(batch: int, seq_len: int, kv_pairs: int, gen: torch.Generator, device=None,
-               vocab_size: int = VOCAB, power_a: float = 0.01) -> RecallBatch:
+               vocab_size: int = VOCAB, power_a: float = 0.01, random_non_queries: bool = False) -> RecallBatch:
     """A batch of Zoology MQAR sequences (see the module docstring), drawn from `gen` on `device`."""
     check_mqar(seq_len, kv_pairs, vocab_size)
     device = torch.device(device or gen.device)
@@ -79,7 +81,10 @@ def mqar_batch(batch: int, seq_len: int, kv_pairs: int, gen: torch.Generator, de
     u = torch.rand(B, slots, generator=gen, device=device).clamp_(min=1e-12, max=1 - 1e-7)
     chosen = (log_w - torch.log(-torch.log(u))).topk(K, dim=1).indices       # Gumbel-top-k: K distinct slots
     positions = 2 * K + 2 * chosen
-    inputs = torch.randint(0, vocab_size, (B, T), generator=gen, device=device)
+    if random_non_queries:
+        inputs = torch.randint(0, vocab_size, (B, T), generator=gen, device=device)
+    else:
+        inputs = torch.zeros(B, T, dtype=torch.long, device=device)
     inputs[:, 0:2 * K:2] = keys
     inputs[:, 1:2 * K:2] = values
     inputs.scatter_(1, positions, keys)

@@ -52,6 +52,9 @@ class RecallConfig:
     target: float = 0.99              # early stop at this held-out accuracy
     vocab_size: int = VOCAB
     power_a: float = 0.01
+    tie_embeddings: bool = True       # the head shares the embedding matrix (as Zoology's models)
+    heads: int = 0                    # attention control's heads (0: max(2, d_model // 64))
+    random_non_queries: bool = False  # MQAR: noise (True) or token 0 (Zoology's figure 2) between queries
     device: str = "auto"              # auto: cuda when available
     seed: int = 0
 
@@ -98,7 +101,8 @@ def resolve_device(name: str) -> torch.device:
 def make_batch(cfg: RecallConfig, batch: int, gen: torch.Generator, device, gap: Optional[int] = None) -> RecallBatch:
     """A training-distribution batch of the config's task (or, with `gap`, a gap-task test batch)."""
     if cfg.task == "mqar":
-        return mqar_batch(batch, cfg.seq_len, cfg.kv_pairs, gen, device, cfg.vocab_size, cfg.power_a)
+        return mqar_batch(batch, cfg.seq_len, cfg.kv_pairs, gen, device, cfg.vocab_size, cfg.power_a,
+                          cfg.random_non_queries)
     if gap is not None:
         return gap_batch(batch, cfg.kv_pairs, gen, device, gap=gap, vocab_size=cfg.vocab_size)
     return gap_batch(batch, cfg.kv_pairs, gen, device, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
@@ -156,7 +160,7 @@ def train(cfg: RecallConfig, log: Callable[[str], None] = print) -> Tuple[dict, 
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.vocab_size, cfg.d_model, cfg.layers, cfg.seq_len, cfg.interval,
-                        cfg.seed).to(device)
+                        cfg.seed, cfg.tie_embeddings, cfg.heads).to(device)
     opt = optimizer(model, cfg, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     heldout = make_batch(cfg, cfg.eval_samples, torch.Generator(device).manual_seed(cfg.seed + EVAL_SEED), device)
