@@ -1,4 +1,4 @@
-"""Throughput accounting (FLOPs, MFU) and the metrics sinks: metrics.jsonl, wandb, console."""
+"""Throughput accounting (FLOPs, MFU) and the metrics sinks: metrics.jsonl, wandb, TensorBoard, console."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from .errors import UserError
 
 # Dense bf16 peaks (TFLOP/s) of common cards, by a substring of torch.cuda.get_device_name().
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
@@ -108,7 +110,7 @@ def run_metadata(root: Path) -> Dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         rev, dirty = None, None
     pkgs = {}
-    for name in ("torch", "deepspeed", "webdataset", "sentencepiece", "omegaconf", "wandb", "numpy"):
+    for name in ("torch", "deepspeed", "webdataset", "sentencepiece", "omegaconf", "wandb", "tensorboard", "numpy"):
         try:
             pkgs[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -117,19 +119,46 @@ def run_metadata(root: Path) -> Dict[str, Any]:
             "cuda": torch.version.cuda}
 
 
+def check_logging(cfg) -> None:
+    """Before start-up, on every rank: the packages the logging.* sinks need are installed."""
+    if cfg.logging.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"logging.tensorboard=true needs the tensorboard package ({e}): pip install "
+                            f"'rrwkv-pretrain[tensorboard]' (or tensorboard>=2.14), or set logging.tensorboard=false") \
+                from None
+
+
+def scalars(row: Dict[str, Any]) -> Dict[str, float]:
+    """The numbers of a metrics row, nested mappings flattened as "tokens_by_source/NAME" (wandb and
+    TensorBoard keys); strings, booleans and lists are left out."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{name}": x for name, x in scalars(v).items()})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
 class MetricsLogger:
-    """Rank-0 sink for training rows: metrics.jsonl (appended), wandb, and the console."""
+    """Rank-0 sink for training rows: metrics.jsonl (appended), wandb, TensorBoard, and the console."""
 
     def __init__(self, out_dir: Path, cfg, max_steps: int, start_step: int, enabled: bool, wandb_id: Optional[str]):
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
+        self.tensorboard_dir = out_dir / "tensorboard"
         self.wandb = None
+        self.tensorboard = None
         self.bar = None
         self.wandb_id = wandb_id
         if not enabled:
             return
         if start_step > 0:
             self._drop_rows_after(start_step)
+        if cfg.logging.tensorboard:
+            self._open_tensorboard(start_step)
         mode = cfg.logging.wandb.mode
         if mode != "disabled":
             import wandb
@@ -157,19 +186,39 @@ class MetricsLogger:
         tmp.write_text("".join(k + "\n" for k in keep))
         tmp.replace(self.path)
 
+    def _open_tensorboard(self, last_step: int) -> None:
+        """A SummaryWriter appending to OUT_DIR/tensorboard. After a resume or rollback to `last_step`,
+        its purge_step hides the events of the later steps written before (by an earlier process, or by
+        this one before a rollback): they are redone, as metrics.jsonl drops their rows on resume."""
+        from torch.utils.tensorboard import SummaryWriter
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self.tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=last_step + 1 if last_step else None)
+
     def log(self, row: Dict[str, Any], console: bool = True) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        numbers = scalars(row)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+            self.wandb.log(numbers, step=row.get("step"))
+        if self.tensorboard is not None:
+            if row.get("event") == "rollback":        # the steps after to_step are redone from here on
+                self._open_tensorboard(row["to_step"])
+            else:
+                for tag, value in numbers.items():
+                    if tag != "step":
+                        self.tensorboard.add_scalar(tag, value, global_step=row.get("step"))
+                self.tensorboard.flush()
         if self.bar is not None and "loss" in row:
             self.bar.n = row["step"]
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
             self.bar.refresh()
         if console:
-            text = " ".join(_fmt(k, v) for k, v in row.items() if k not in ("time",))
+            text = " ".join(_fmt(k, v) for k, v in row.items() if k not in ("time",) and not isinstance(v, dict))
+            text += "".join(f" {_fmt(k, v)}" for k, v in scalars({k: v for k, v in row.items()
+                                                                  if isinstance(v, dict)}).items())
             if self.bar is not None:
                 self.bar.write(text)
             else:
@@ -180,6 +229,8 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _fmt(k: str, v: Any) -> str:

@@ -20,7 +20,7 @@ from .config import check_deepspeed_overrides, model_config
 from .distributed import Dist
 from .baseline import TransformerBlock
 from .model import RRWKV, Block
-from .schedule import lr_factor
+from .schedule import lr_scheduler
 from .weights import read_weights
 
 if TYPE_CHECKING:  # the plan is made by plan.make_plan, which calls deepspeed_config below
@@ -246,14 +246,9 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan):
     """deepspeed.initialize with our parameter groups and a warmup + decay schedule."""
     import deepspeed
 
-    schedule = functools.partial(lr_factor, warmup_steps=cfg.optim.warmup_steps, max_steps=plan.max_steps,
-                                 lr=cfg.optim.lr, lr_final=cfg.optim.lr_final, schedule=cfg.optim.schedule)
     groups = param_groups(model, cfg.optim.weight_decay)
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_mult"]
-
-    def make_scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     leaves = sorted({type(m) for m in model.modules() if isinstance(m, BLOCKS)}, key=lambda c: c.__name__)
     if cfg.parallel.zero_stage == 3 and leaves:
@@ -265,7 +260,8 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan):
         set_z3_leaf_modules(model, leaves)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            config=plan.deepspeed_config(),
-                                           lr_scheduler=make_scheduler)
+                                           lr_scheduler=functools.partial(lr_scheduler, optim=cfg.optim,
+                                                                          max_steps=plan.max_steps))
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # DeepSpeed checks gradients for inf/NaN only in fp16/bf16; check in fp32 too, so that a
         # non-finite step is skipped (and counted) in every precision instead of poisoning the weights.

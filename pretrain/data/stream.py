@@ -261,6 +261,7 @@ class TokenStream:
         self._batches = 0  # batches this rank has yielded: the whole position state
         self._stats = {"corrupt_shards": 0, "corrupt_shard_files": [], "data_wait_s": 0.0,
                        "batches_by_source": [0] * len(self.sources)}
+        self._taken: dict | None = None   # source_counts' running tally (it follows from the position)
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -308,6 +309,30 @@ class TokenStream:
         out["corrupt_shard_files"] = list(out["corrupt_shard_files"])
         out["batches_by_source"] = list(out["batches_by_source"])
         return out
+
+    def source_counts(self, exclude=()) -> list[int]:
+        """Batches this rank has read from each source since the start of the run (not since
+        construction: they follow from the position, so a resumed stream counts on). `exclude`:
+        1-based batch numbers not to count (the trainer's skipped data windows).
+
+        The tally runs on from its last call (a moved-back position or a new excluded batch before
+        it starts it over), so calling it every few batches costs a few batches' schedule."""
+        n_now, exclude = self._batches, frozenset(exclude)
+        if len(self.sources) == 1:
+            return [n_now - sum(1 for b in exclude if 1 <= b <= n_now)]
+        t = self._taken
+        if t is None or t["n"] > n_now or any(b <= t["n"] for b in exclude ^ t["exclude"]):
+            t = self._taken = {"n": 0, "counts": [0] * len(self.sources), "local": -1, "source": 0,
+                               "schedule": _schedule([s.weight for s in self.sources], self.seed)}
+        t["exclude"] = exclude
+        W = self._part_steps      # batch b is the (b // W)-th of its part: the schedule's (b // W)-th pick
+        for b in range(t["n"], n_now):
+            if b // W != t["local"]:
+                t["local"], t["source"] = b // W, next(t["schedule"])
+            if b + 1 not in exclude:
+                t["counts"][t["source"]] += 1
+        t["n"] = n_now
+        return list(t["counts"])
 
     def _record(self, source: int, events) -> None:
         self._batches += 1
