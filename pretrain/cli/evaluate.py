@@ -4,7 +4,9 @@ directory, and synthetic long-range tasks (passkey retrieval, associative recall
     python launch/evaluate.py --model MODEL_DIR --data DIR --report FILE.json
         [--max-docs N --max-tokens N --buckets 0,256,1024,... --chunk-len N --batch-size N]
         [--passkey-distances 64,256,1024,4096 --recall-distances ... --task-samples N --task-seed S | --no-tasks]
-        [--lm-eval-tasks lambada_openai,hellaswag --lm-eval-limit N]
+        [--lm-eval-tasks lambada_openai,hellaswag --lm-eval-limit N --lm-eval-include TASK_DIR]
+
+(lm-eval alone, with all of its options: rrwkv-lm-eval --model rrwkv --model_args pretrained=MODEL_DIR ...)
 """
 import importlib.util
 import json
@@ -44,7 +46,9 @@ def run(argv):
     p.add_argument("--task-seed", type=number(int, 0), default=0)
     p.add_argument("--no-tasks", action="store_true", help="skip the synthetic tasks")
     p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm_eval task names (needs lm-eval)")
-    p.add_argument("--lm-eval-limit", type=number(int, 1), default=None)
+    p.add_argument("--lm-eval-limit", type=number(int, 1), default=None, help="documents per lm_eval task")
+    p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="a folder of local lm_eval task YAML files (repeatable)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp64 (default: bf16 on GPUs, fp32 on CPUs)")
     args = p.parse_args(argv)
@@ -53,8 +57,15 @@ def run(argv):
     edges = ev.edges_from_arg(args.buckets)
     passkey = ev.parse_int_list(args.passkey_distances, "--passkey-distances")
     recall = ev.parse_int_list(args.recall_distances, "--recall-distances")
-    if args.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval")
+    lm_eval_tasks = [t for t in (args.lm_eval_tasks or "").split(",") if t]
+    if args.lm_eval_include and not lm_eval_tasks:
+        raise UserError("--lm-eval-include gives folders of lm_eval tasks; name the tasks with --lm-eval-tasks")
+    manager = None
+    if lm_eval_tasks:
+        if importlib.util.find_spec("lm_eval") is None:
+            raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install -e '.[lm-eval]'")
+        from rrwkv.pretrain.lm_eval_adapter import task_manager
+        manager = task_manager(lm_eval_tasks, args.lm_eval_include)   # unknown names fail here, not after
 
     model_dir = Path(args.model)
     device = pick_device(args.device)
@@ -91,10 +102,10 @@ def run(argv):
         report["tasks"][name] = rows
         print(f"{name}: " + ", ".join(f"d={r['distance']} acc {r['accuracy']:.2f}" for r in rows), flush=True)
 
-    if args.lm_eval_tasks:
-        from rrwkv.pretrain.lm_eval_adapter import run_lm_eval
-        report["lm_eval"] = run_lm_eval(model_dir, args.lm_eval_tasks.split(","), args.device, args.dtype,
-                                        args.batch_size, args.lm_eval_limit)
+    if lm_eval_tasks:
+        from rrwkv.pretrain.lm_eval_adapter import Scorer, run_lm_eval
+        report["lm_eval"] = run_lm_eval(Scorer(model, tok, chunk, args.batch_size), lm_eval_tasks, manager,
+                                        args.lm_eval_limit)
     report_file.write_text(json.dumps(report, indent=2) + "\n")
     print(f"report written to {args.report}")
 
