@@ -58,7 +58,9 @@ class OptimSection:
     lr: float = 6e-4
     lr_final: float = 6e-5
     warmup_steps: int = 10
-    schedule: str = "cosine"             # cosine | linear | exponential | constant
+    schedule: str = "cosine"             # cosine | linear | exponential | constant | wsd
+    decay_fraction: float = 0.2          # wsd: the last fraction of train.max_steps that decays to lr_final
+    decay_shape: str = "linear"          # wsd: linear | 1-sqrt (Hägele et al. 2024)
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -76,8 +78,14 @@ class TrainSection:
     log_every: int = 10
     eval_every: int = 0                  # 0: no validation during training
     eval_batches: int = 8
+    eval_tasks: List[str] = field(default_factory=list)          # lm-eval task names scored during training
+                                         # (docs/training.md, Downstream evaluation); empty: off
+    eval_tasks_every: int = 1000         # steps between them (and after the last step)
+    eval_tasks_include: List[str] = field(default_factory=list)  # folders of local lm-eval task YAML files
+    eval_tasks_limit: int = 0            # documents per task (0: all)
     save_every: int = 0                  # 0: only at the end
     keep_last: int = 2
+    async_save: bool = False             # copy the state to host memory, write the files in a background thread
     activation_checkpointing: bool = False
     peak_tflops: Optional[float] = None  # for MFU; default: the card's dense bf16 peak, or measured on CPU
     max_bad_steps: int = 10              # stop after this many non-finite steps in a row (0: never)
@@ -119,6 +127,7 @@ class WandbSection:
 class LoggingSection:
     wandb: WandbSection = field(default_factory=WandbSection)
     progress: bool = True                # tqdm bar on a terminal (rank 0)
+    tensorboard: bool = False            # also write every metrics row's numbers to OUT_DIR/tensorboard
 
 
 @dataclass
@@ -138,7 +147,8 @@ CHOICES = {
     "train.grad_accum_dtype": ("fp32", "bf16"),
     "parallel.offload": ("none", "optimizer", "all"),
     "logging.wandb.mode": ("disabled", "offline", "online"),
-    "optim.schedule": ("cosine", "linear", "exponential", "constant"),
+    "optim.schedule": ("cosine", "linear", "exponential", "constant", "wsd"),
+    "optim.decay_shape": ("linear", "1-sqrt"),
 }
 
 
@@ -221,6 +231,8 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
     except (ValidationError, ConfigKeyError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
+        if "is not a ListConfig" in msg:      # a list key given one value
+            msg = f"it takes a list; write {key}=[a,b] (quoted in a shell)"
         raise ConfigError(f"bad value for config key '{key}' in {source}: {msg}") from None
 
 
@@ -260,15 +272,16 @@ RANGES = {
     **{k: (1, _INF, "a positive integer") for k in (
         "model.vocab_size", "model.n_layer", "model.n_embd", "model.ctx_len", "model.se_reduction",
         "model.ffn_mult", "data.seq_len", "data.micro_batch_size", "train.max_steps", "train.log_every",
-        "train.keep_last", "train.eval_batches", "train.spike_history", "train.spike_steps", "parallel.pipeline_stages", "parallel.bucket_size",
+        "train.keep_last", "train.eval_batches", "train.eval_tasks_every", "train.spike_history", "train.spike_steps", "parallel.pipeline_stages", "parallel.bucket_size",
         "parallel.prefetch_bucket_size")},
     **{k: (0, _INF, ">= 0") for k in (
         "model.medium_interval", "train.global_batch_size", "train.max_tokens", "train.save_every",
-        "train.eval_every", "train.max_bad_steps", "train.spike_factor", "train.max_rollbacks", "data.num_workers", "optim.warmup_steps", "optim.lr_final",
+        "train.eval_every", "train.eval_tasks_limit", "train.max_bad_steps", "train.spike_factor", "train.max_rollbacks", "data.num_workers", "optim.warmup_steps", "optim.lr_final",
         "optim.weight_decay", "optim.grad_clip", "parallel.timeout_minutes", "parallel.stall_timeout_s")},
     **{k: (0, _INF, "> 0") for k in ("optim.lr", "optim.eps", "train.peak_tflops")},
     **{k: (0, 1, "in [0, 1)") for k in ("optim.beta1", "optim.beta2")},
     "train.fp16_initial_scale_power": (0, 64, "in [0, 64]"),
+    "optim.decay_fraction": (0, 1, "in [0, 1]"),
     "parallel.zero_stage": (0, 3, "0, 1, 2 or 3"),
 }
 OPTIONAL_NUMBERS = {"train.peak_tflops"}
@@ -277,6 +290,9 @@ OPTIONAL_NUMBERS = {"train.peak_tflops"}
 def validate(cfg: DictConfig) -> None:
     """Each key on its own (choices, signs); the rules that span several keys are pretrain/plan.py's."""
     check_deepspeed_overrides(cfg.parallel.deepspeed)
+    if cfg.train.async_save and OmegaConf.select(cfg, "parallel.deepspeed.checkpoint.writer") is not None:
+        raise ConfigError("train.async_save=true writes checkpoints through DeepSpeed's default checkpoint engine; "
+                          "remove parallel.deepspeed.checkpoint.writer or set train.async_save=false")
     for key, choices in CHOICES.items():
         if choices is None:
             continue

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from . import checkpoint, faults, runfiles
 from .config import model_config, model_fields
-from .data.sources import check_sources, micro_batches, prepare_data, train_batches, valid_batches
+from .data.sources import (check_sources, micro_batches, prepare_data, tokens_by_source, train_batches,
+                           valid_batches, valid_sources)
 from .distributed import start
+from .downstream import DownstreamEval
 from .engine import all_reduce_sum, current_lr, evaluate, train_step
 from .evaluation import perplexity
-from .metrics import MetricsLogger, StepTimer, device_peak, flops_per_token
+from .metrics import MetricsLogger, StepTimer, check_logging, device_peak, flops_per_token
 from .parallelize import build_engine, build_model
 from .plan import make_plan
 
@@ -21,6 +23,8 @@ def train(cfg, early_signals=()) -> int:
     out = Path(cfg.run.out_dir)
     runfiles.check_out_dir(out)                                              # bad input fails before start-up
     check_sources(cfg)
+    check_logging(cfg)
+    tasks = DownstreamEval(cfg) if cfg.train.eval_tasks else None          # lm-eval tasks, found before start-up
     dist = start(cfg)                                                        # processes, seeds
     plan = make_plan(cfg, dist.world_size, dist.rank, dist.device)            # layout, steps, DeepSpeed config
     lock = runfiles.own_out_dir(out, dist)          # one run per out_dir: held until train() returns
@@ -50,17 +54,13 @@ def train(cfg, early_signals=()) -> int:
     watchdog = faults.Watchdog(dist.rank, cfg.parallel.stall_timeout_s)
     runfiles.announce(cfg, dist, plan, flops, peak_name, resume_dir, step)
 
-    last_save = {}                                                           # logged with the next rows
+    saver = checkpoint.Saver(engine, out / "checkpoints", cfg.train.keep_last, cfg.train.async_save, dist.say,
+                             cfg.parallel.timeout_minutes)   # its timings go into the next metrics rows
 
-    def save():
-        t = time.perf_counter()
-        checkpoint.save(engine, out / "checkpoints", step,
-                        {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": model_fields(cfg),
-                         "windows": window, "skip_windows": sorted(skip), "rollbacks": rollbacks},
-                        {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()}, cfg.train.keep_last)
-        last_save.update(save_s=round(time.perf_counter() - t, 3),               # the training time a save costs
-                         checkpoint_gb=round(checkpoint.size_gb(out / "checkpoints" / f"step{step}"), 3))
-        dist.say(f"saved checkpoint step{step}: {last_save['checkpoint_gb']} GB in {last_save['save_s']} s")
+    def save():            # with train.async_save it returns once the state is copied; saver.wait() commits
+        saver.save(step, {"tokens": tokens, "wandb_id": log.wandb_id, "model_config": model_fields(cfg),
+                          "windows": window, "skip_windows": sorted(skip), "rollbacks": rollbacks},
+                   {"lanes": batches.state_dict(), "rng": checkpoint.rng_state()})
 
     def roll_back(point, spiked):
         """To checkpoint `point`: model, optimizer, RNG and data position; the spike's windows are skipped."""
@@ -90,6 +90,7 @@ def train(cfg, early_signals=()) -> int:
         loss = train_step(engine, micro, dist.device, step + 1, cfg.train.l2wrap, window=window)
         step, tokens = step + 1, tokens + timer.step_tokens
         if spike.update(loss, window):                                        # loss spike: roll back, skip
+            saver.wait()                                                      # a save in flight: committed
             point = checkpoint.find_resume_dir(out, "auto", dist.say)
             if point is None or rollbacks >= cfg.train.max_rollbacks:
                 why = "no checkpoint to roll back to" if point is None else f"{rollbacks} rollbacks (train.max_rollbacks)"
@@ -109,19 +110,29 @@ def train(cfg, early_signals=()) -> int:
             if bad.exceeded:
                 dist.say(f"error: {bad.in_a_row} non-finite steps in a row (train.max_bad_steps); stopping "
                             f"without saving, the last good checkpoint is kept", err=True)
+                saver.wait()
                 return faults.BAD_STEPS_EXIT
         if step % cfg.train.log_every == 0 or step in (1, plan.max_steps):
             log.log({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
-                     **timer.rates(step, plan.max_steps, dist.device), "skipped_steps": bad.total, "rollbacks": rollbacks, **last_save,
+                     **timer.rates(step, plan.max_steps, dist.device), "skipped_steps": bad.total, "rollbacks": rollbacks, **saver.stats(),
                      "overflow_steps": bad.overflows, **runfiles.memory_stats(dist.device),
                      "corrupt_shards": all_reduce_sum(batches.stats()["corrupt_shards"], dist.device)  # each stage reads
-                     // cfg.parallel.pipeline_stages})                            # the same lanes
+                     // cfg.parallel.pipeline_stages,                             # the same lanes
+                     **tokens_by_source(sources, batches, skip, dist.device, cfg.parallel.pipeline_stages)})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and sources.valid:
             val = evaluate(engine, valid_batches(cfg, sources, plan), dist.device)
-            log.log({"step": step, "val_loss": val, "val_ppl": perplexity(val)})
+            by_source = {name: evaluate(engine, b, dist.device) for name, b in valid_sources(cfg, sources, plan)}
+            log.log({"step": step, "val_loss": val, "val_ppl": perplexity(val),
+                     **({"val_loss_by_source": by_source} if by_source else {})})
+            timer.pause()
+        if tasks is not None and tasks.due(step, plan.max_steps):              # downstream tasks (lm-eval)
+            row = tasks.run(engine, sources.tokenizer, dist.device)           # every rank scores its share
+            if row is not None:
+                log.log({"step": step, **row})
             timer.pause()
         if stop.agreed(dist.device):                                          # preemption: save and requeue
             save()
+            saver.wait()                                                      # `latest` names it: requeue
             runfiles.mark_requeue(out, dist, step)
             log.close()
             return faults.REQUEUE_EXIT
@@ -131,6 +142,7 @@ def train(cfg, early_signals=()) -> int:
             timer.pause()
     if step > client["step"]:
         save()
+    saver.wait()
     runfiles.mark_done(out, dist)
     log.close()
     watchdog.close()
