@@ -283,6 +283,10 @@ def tokenize_files(inputs, tokenizer: str | os.PathLike, output: str | os.PathLi
         reports = merge_reports([[FileReport.from_json(d) for d in r["reports"]] for r in results])
         for r in reports:
             check_text_key(r, text_key)
+        if not sum(r.docs_written for r in reports):   # an empty set would only fail later, in training
+            read = ", ".join(f"{r.path}: {r.docs_read:,} read" for r in reports[:5]) + (", ..." if len(reports) > 5 else "")
+            raise DataError(f"the inputs hold no document to write ({read}); check that the files are the "
+                            f"ones meant and not empty")
     manifest = _finish(out, work, tok, results)
     shutil.rmtree(work)
     return TokenizeResult(out / MANIFEST, manifest, reports, time.perf_counter() - t0)

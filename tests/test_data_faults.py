@@ -174,12 +174,14 @@ def test_failed_overwrite_keeps_the_finished_set(data, tmp_path, capsys):
     assert _tokenize(data, [data["plain"]], out, "--shard-tokens", "20000") == 0
     before = _files(out)
     assert len(load_manifest(out).shards) > 1
-    for bad in (["--input", data["cut_gz"], "--strict"], ["--input", data["plain"],
-                                                         "--text-key", "txt"]):
+    (tmp_path / "empty.jsonl").write_text("")
+    for bad in (["--input", data["cut_gz"], "--strict"], ["--input", data["plain"], "--text-key", "txt"],
+                ["--input", tmp_path / "empty.jsonl"]):          # no document at all: an error, not an empty set
         rc = cli(["tokenize", *map(str, bad), "--tokenizer", str(data["model"]), "--output",
                   str(out), "--overwrite", "--no-progress"])
         err = _error(capsys, rc)
         assert f"the shard set already in {out} was kept" in err
+        assert "empty.jsonl" not in bad[1].name or "no document to write" in err
         assert _files(out) == before
         assert cli(["verify", str(out)]) == 0
     # A good replacement goes in whole: fewer shards, none of the old ones left over.
