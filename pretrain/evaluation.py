@@ -151,6 +151,36 @@ def loss_report(doc_losses: Sequence[np.ndarray], edges: Optional[Sequence[int]]
             "loss_by_position": losses_by_position(doc_losses, edges)}
 
 
+def training_windows(source, seq_len: int, micro_batch: int, batches: int, rank: int = 0, world_size: int = 1,
+                     num_workers: int = 0):
+    """The first `batches` (input_ids, labels) batches of `source` as validation inside training reads
+    them (data.valid, data.seq_len, data.micro_batch_size, train.eval_batches; one data-parallel rank's
+    part): windows of seq_len tokens cut from the documents packed end to end (EOS between them), so a
+    window mostly starts inside a document, and each is scored from a zero state."""
+    import itertools
+
+    from .data import TokenStream
+    stream = TokenStream(source, seq_len, micro_batch, rank=rank, world_size=world_size, num_workers=num_workers,
+                         seed=0, max_epochs=1)
+    return itertools.islice(iter(stream), batches)
+
+
+@torch.no_grad()
+def window_loss(model, batches) -> Dict:
+    """The validation loss training logs (val_loss), from a MODEL_DIR's model: the mean over batches of
+    each batch's mean next-token cross-entropy, every window from a zero state (no carried state)."""
+    device = next(model.parameters()).device
+    losses, tokens = [], 0
+    for input_ids, labels in batches:
+        logits = model(input_ids.to(device)).float()
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(device).reshape(-1)).item())
+        tokens += labels.numel()
+    if not losses:
+        raise ValueError("the data holds no full window of this length")
+    loss = float(np.mean(losses))
+    return {"loss": loss, "perplexity": perplexity(loss), "batches": len(losses), "tokens": tokens}
+
+
 def check_data_tokenizer(source, tokenizer_path: Path, vocab_size: int):
     """The shards must come from the model's tokenizer (same file) and fit its vocabulary."""
     from .data import check_tokenizer, load_manifest

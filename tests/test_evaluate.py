@@ -203,3 +203,29 @@ def test_errors_are_one_line(tmp_path, model_dir, shards):
         p = evaluate(*args, "--report", tmp_path / "r.json")
         err = [l for l in p.stderr.splitlines() if l.startswith("error:")]
         assert p.returncode == 2 and len(err) == 1 and message in err[0], p.stderr[-1500:]
+
+
+def test_windows_reproduce_the_val_loss_training_logged(tmp_path, cache_dir):
+    """Issue #20: training's val_loss and launch/evaluate.py measure different things (packed windows
+    from a zero state vs whole documents with carried state: docs/training.md, Validation); given the
+    windows training scored, evaluate.py gives its number to float precision, from the exported model."""
+    from .runs import pretrain_cmd, run
+    out, model = tmp_path / "run", tmp_path / "model"
+    p = run(pretrain_cmd(out, cache_dir, ["train.max_steps=3", "train.eval_every=3", "train.eval_batches=2"]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    p = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(out), "--output",
+                        str(model)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = tmp_path / "eval.json"
+    p = evaluate("--model", model, "--data", "builtin", "--cache-dir", cache_dir, "--report", report, "--no-tasks",
+                 "--max-docs", 20, "--windows", 2, "--window-batch", 4, "--window-len", 64)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(report.read_text())
+    assert r["windows"]["batches"] == 2 and r["windows"]["tokens"] == 2 * 4 * 64
+    assert abs(r["windows"]["loss"] - val) <= 1e-5 * val, (r["windows"]["loss"], val)
+    assert abs(r["loss"] - val) > 1e-3          # the per-document loss is another measurement
+    p = evaluate("--model", model, "--data", "builtin", "--cache-dir", cache_dir, "--report", report, "--no-tasks",
+                 "--windows", 2)
+    assert p.returncode == 2 and "--window-batch" in p.stderr and "Traceback" not in p.stderr

@@ -5,6 +5,7 @@ directory, and synthetic long-range tasks (passkey retrieval, associative recall
         [--max-docs N --max-tokens N --buckets 0,256,1024,... --chunk-len N --batch-size N]
         [--passkey-distances 64,256,1024,4096 --recall-distances ... --task-samples N --task-seed S | --no-tasks]
         [--lm-eval-tasks lambada_openai,hellaswag --lm-eval-limit N --lm-eval-include TASK_DIR]
+        [--windows N --window-batch B [--window-len L]]   # training's val_loss, recomputed
 
 (lm-eval alone, with all of its options: rrwkv-lm-eval --model rrwkv --model_args pretrained=MODEL_DIR ...)
 """
@@ -45,6 +46,13 @@ def run(argv):
     p.add_argument("--task-samples", type=number(int, 1), default=20, help="sequences per distance and task")
     p.add_argument("--task-seed", type=number(int, 0), default=0)
     p.add_argument("--no-tasks", action="store_true", help="skip the synthetic tasks")
+    p.add_argument("--windows", type=number(int, 1), default=None, metavar="N",
+                   help="also score the first N batches of windows as validation inside training does "
+                        "(train.eval_batches; the logged val_loss): docs/training.md, Validation")
+    p.add_argument("--window-len", type=number(int, 1), default=None, help="with --windows: data.seq_len "
+                                                                           "(default ctx_len)")
+    p.add_argument("--window-batch", type=number(int, 1), default=None,
+                   help="with --windows: data.micro_batch_size of the run (required: the windows depend on it)")
     p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm_eval task names (needs lm-eval)")
     p.add_argument("--lm-eval-limit", type=number(int, 1), default=None, help="documents per lm_eval task")
     p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
@@ -53,6 +61,11 @@ def run(argv):
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp64 (default: bf16 on GPUs, fp32 on CPUs)")
     args = p.parse_args(argv)
     # Everything that can be wrong with the arguments is found before the evaluation, not after it.
+    if (args.window_len or args.window_batch) and not args.windows:
+        raise UserError("--window-len and --window-batch go with --windows N")
+    if args.windows and not args.window_batch:
+        raise UserError("--windows needs --window-batch: the training run's data.micro_batch_size (it decides "
+                        "which windows the stream cuts)")
     report_file = output_file(args.report, "--report")
     edges = ev.edges_from_arg(args.buckets)
     passkey = ev.parse_int_list(args.passkey_distances, "--passkey-distances")
@@ -94,6 +107,14 @@ def run(argv):
           f"of {report['documents']} documents", flush=True)
     for row in report["loss_by_position"]:
         print(f"  positions {row['bucket']:>9}: loss {row['loss']:.4f} ({row['documents']} documents)", flush=True)
+
+    if args.windows:
+        seq_len = args.window_len or model.cfg.ctx_len
+        report["windows"] = dict(ev.window_loss(model, ev.training_windows(args.data, seq_len, args.window_batch,
+                                                                           args.windows)),
+                                 seq_len=seq_len, micro_batch=args.window_batch)
+        print(f"training-style windows: loss {report['windows']['loss']:.6f} over {report['windows']['batches']} "
+              f"batches of {args.window_batch} x {seq_len} tokens (each from a zero state)", flush=True)
 
     if task_sets:
         report["tasks"] = {"seed": seed, "samples_per_distance": n}

@@ -3,7 +3,6 @@ built on first use), their tokenizers checked against each other and the model, 
 data-parallel rank reads."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -136,11 +135,9 @@ def micro_batches(stream, micro_batch_size: int):
 def valid_batches(cfg: DictConfig, src: DataSources, layout, source: Any = None):
     """The first train.eval_batches batches of this rank's part of data.valid (the same every time);
     `source`: one shard set of it instead (valid_sources)."""
-    from . import TokenStream
-    stream = TokenStream(src.valid if source is None else source, cfg.data.seq_len, cfg.data.micro_batch_size,
-                         rank=layout.dp_rank, world_size=layout.data_parallel, num_workers=cfg.data.num_workers,
-                         seed=0, max_epochs=1)
-    return itertools.islice(iter(stream), cfg.train.eval_batches)
+    from ..evaluation import training_windows      # (launch/evaluate.py --windows reads the same)
+    return training_windows(src.valid if source is None else source, cfg.data.seq_len, cfg.data.micro_batch_size,
+                            cfg.train.eval_batches, layout.dp_rank, layout.data_parallel, cfg.data.num_workers)
 
 
 def valid_sources(cfg: DictConfig, src: DataSources, layout) -> Iterable[Tuple[str, Iterable]]:
